@@ -1,0 +1,79 @@
+"""Quasar attention (EFLA) in chunked form, in plain PyTorch.
+
+Within a chunk of C tokens the delta-rule recurrence is solved in closed (WY/UT) form, as in
+DeltaNet's chunk algorithm with EFLA's step `a_t` in place of beta. With incoming state S0:
+
+    L = I + tril(diag(a) K K^T, -1)            (unit lower triangular)
+    W = L^-1 diag(a) K,   U = L^-1 diag(a) V    (one triangular solve each)
+    U' = U - W S0
+    O  = scale * (Q S0 + (Q K^T masked causally, diagonal included) U')
+    S1 = S0 + K^T U'
+
+Everything inside a chunk is parallel; only the [Dk, Dv] state moves from chunk to chunk.
+Autograd differentiates it, including through `a_t`'s dependence on |k_t|.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.reference import accumulation_dtype, efla_step_size
+
+EFLA_CHUNK_SIZE = 64
+
+
+def chunk_efla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = EFLA_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    scale = K**-0.5 if scale is None else scale
+    out_dtype = v.dtype
+    acc = accumulation_dtype(q.dtype)
+    N = -(-T // C)
+    pad = N * C - T
+
+    # [B, T, H, D] -> [B, H, N, C, D] in fp32. Zero-padded tokens have k = 0, so they neither read
+    # nor write the state: padding is exact, and any T works.
+    def blocks(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(acc).transpose(1, 2)
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        return x.reshape(B, H, N, C, x.shape[-1])
+
+    q_c, k_c, v_c = blocks(q) * scale, blocks(k), blocks(v)
+    b = beta.to(acc).transpose(1, 2)
+    if pad:
+        b = F.pad(b, (0, pad))
+    a = efla_step_size(b.reshape(B, H, N, C), (k_c * k_c).sum(-1))  # [B, H, N, C]
+
+    ka = k_c * a[..., None]
+    strictly_lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    eye = torch.eye(C, dtype=acc, device=q.device)
+    L = eye + (ka @ k_c.transpose(-1, -2)).masked_fill(~strictly_lower, 0.0)
+    W = torch.linalg.solve_triangular(L, ka, upper=False, unitriangular=True)
+    U = torch.linalg.solve_triangular(L, v_c * a[..., None], upper=False, unitriangular=True)
+    qk = (q_c @ k_c.transpose(-1, -2)).masked_fill(~causal, 0.0)
+
+    S = (
+        torch.zeros(B, H, K, V, dtype=acc, device=q.device)
+        if initial_state is None
+        else initial_state.to(acc)
+    )
+    outputs = []
+    for n in range(N):
+        u = U[:, :, n] - W[:, :, n] @ S
+        outputs.append(q_c[:, :, n] @ S + qk[:, :, n] @ u)
+        S = S + k_c[:, :, n].transpose(-1, -2) @ u
+    o = torch.stack(outputs, dim=2).reshape(B, H, N * C, V)[:, :, :T]
+    return o.transpose(1, 2).to(out_dtype), (S if output_final_state else None)
