@@ -75,5 +75,6 @@ def chunk_efla(
         u = U[:, :, n] - W[:, :, n] @ S
         outputs.append(q_c[:, :, n] @ S + qk[:, :, n] @ u)
         S = S + k_c[:, :, n].transpose(-1, -2) @ u
-    o = torch.stack(outputs, dim=2).reshape(B, H, N * C, V)[:, :, :T]
+    o = torch.stack(outputs, dim=2) if outputs else q_c.new_zeros(B, H, 0, C, V)  # T = 0: no chunks
+    o = o.reshape(B, H, N * C, V)[:, :, :T]
     return o.transpose(1, 2).to(out_dtype), (S if output_final_state else None)

@@ -94,7 +94,8 @@ def chunk_gla(
     for n in range(N):
         states.append(S)
         S = chunk_decay[:, :, n] * S + kv[:, :, n]
-    S_in = torch.stack(states, dim=2)  # [B, H, N, K, V], the state entering each chunk
+    # [B, H, N, K, V], the state entering each chunk (N = 0 when T = 0)
+    S_in = torch.stack(states, dim=2) if states else S.new_zeros(B, H, 0, K, V)
     o = (q_c * G.exp()) @ S_in + o_intra
     o = o.reshape(B, H, N * C, V)[:, :, :T]
     return o.transpose(1, 2).to(out_dtype), (S if output_final_state else None)

@@ -25,7 +25,10 @@ def efla_step_size(beta: torch.Tensor, k_sq_norm: torch.Tensor) -> torch.Tensor:
     small = x < _EFLA_SERIES_THRESHOLD
     safe_norm = torch.where(small, torch.ones_like(k_sq_norm), k_sq_norm)
     exact = -torch.expm1(-x) / safe_norm
-    series = beta * (1.0 - x / 2.0 + x * x / 6.0)
+    # The series only ever sees small x: with x itself, x * x overflows to inf for x > ~1.8e19 in
+    # fp32, and the discarded branch's gradient for beta then becomes 0 * inf = NaN.
+    x_small = torch.where(small, x, torch.zeros_like(x))
+    series = beta * (1.0 - x_small / 2.0 + x_small * x_small / 6.0)
     return torch.where(small, series, exact)
 
 
