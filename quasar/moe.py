@@ -99,21 +99,23 @@ class SMEBUMoE(nn.Module):
         chosen, weights, _ = self.route(xf, bias)
         h = self.latent_down(xf) if self.latent_down is not None else xf
 
+        # Sort the (token, slot) pairs by expert, run each expert on its rows, then put the rows back.
+        # Each token's k outputs are summed in slot order, so nothing depends on the rest of the batch.
+        N, k = chosen.shape
         flat_expert = chosen.reshape(-1)
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
         order = torch.argsort(flat_expert, stable=True)
-        token_of = order // self.top_k
-        weight_of = weights.reshape(-1)[order]
-        routed = torch.zeros(xf.shape[0], h.shape[-1], dtype=torch.float32, device=x.device)
+        h_sorted = h[order // k]
+        y_sorted = torch.empty(N * k, h.shape[-1], dtype=h.dtype, device=x.device)
         start = 0
         for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            idx = token_of[start : start + n]
-            gate, up = (h[idx] @ self.experts_gate_up[e]).chunk(2, dim=-1)
-            y = (F.silu(gate) * up) @ self.experts_down[e]
-            routed.index_add_(0, idx, y.float() * weight_of[start : start + n, None])
-            start += n
+            if n:
+                gate, up = (h_sorted[start : start + n] @ self.experts_gate_up[e]).chunk(2, dim=-1)
+                y_sorted[start : start + n] = (F.silu(gate) * up) @ self.experts_down[e]
+                start += n
+        y = torch.empty_like(y_sorted)
+        y[order] = y_sorted
+        routed = (y.view(N, k, -1).float() * weights[..., None]).sum(1)
         routed = routed.to(x.dtype)
         out = self.latent_up(routed) if self.latent_up is not None else routed
         if self.shared_expert is not None:
