@@ -109,7 +109,7 @@ class GradScale(nn.Module):
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ScaleGrad.apply(x, self.scale) if self.scale != 1.0 else x
+        return _ScaleGrad.apply(x, self.scale)
 
 
 class QuasarBlock(nn.Module):

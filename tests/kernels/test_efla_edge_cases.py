@@ -23,9 +23,7 @@ def rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
 def run_with_grads(backend: str, q, k, v, beta, initial_state, seed: int = 0):
     """Output, final state and gradients of a random linear loss with respect to all five inputs."""
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, beta, initial_state)]
-    o, S = quasar_attention(
-        *leaves[:4], initial_state=leaves[4], output_final_state=True, backend=backend
-    )
+    o, S = quasar_attention(*leaves[:4], initial_state=leaves[4], output_final_state=True, backend=backend)
     gen = torch.Generator().manual_seed(seed)
     loss = (o * torch.randn(o.shape, generator=gen)).sum() + (S * torch.randn(S.shape, generator=gen)).sum()
     grads = torch.autograd.grad(loss, leaves)
@@ -65,7 +63,7 @@ def test_step_size_at_zero_key_is_beta_exactly(dtype):
     assert_all_finite(d_beta=beta.grad, d_norm=n.grad)
     # d a / d beta = exp(-beta n) = 1 at n = 0, and d a / d n = -beta^2 / 2 (the series' slope).
     assert torch.equal(beta.grad, torch.ones_like(beta))
-    torch.testing.assert_close(n.grad, -beta.detach() ** 2 / 2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(n.grad, -(beta.detach() ** 2) / 2, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -193,15 +193,18 @@ def test_gradcheck_float64(op, backend):
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_size", [4, 6])
 @pytest.mark.parametrize("op", ["quasar", "gla"])
-def test_gradcheck_float64_across_chunks(op):
+def test_gradcheck_float64_across_chunks(op, chunk_size):
     # Tiny chunks, so that T = 10 crosses chunk (and, for GLA, sub-chunk) boundaries and a partial chunk.
+    # Chunk size 6 is not a power of two: EFLA then inverts L by triangular solve instead of doubling.
     args = gradcheck_inputs(op, T=10)
 
     def fn(q, k, v, gate, s0):
+        kwargs = dict(initial_state=s0, output_final_state=True, chunk_size=chunk_size)
         if op == "quasar":
-            return chunk_efla(q, k, v, gate, initial_state=s0, output_final_state=True, chunk_size=4)
-        return chunk_gla(q, k, v, gate, initial_state=s0, output_final_state=True, chunk_size=4, sub_chunk_size=2)
+            return chunk_efla(q, k, v, gate, **kwargs)
+        return chunk_gla(q, k, v, gate, sub_chunk_size=2, **kwargs)
 
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-8, rtol=1e-6)
 
