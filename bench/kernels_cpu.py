@@ -20,10 +20,6 @@ With --out, the text between `<!-- kernels_cpu:start -->` and `<!-- kernels_cpu:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -36,10 +32,19 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.common import (  # noqa: E402
+    command_line,
+    load_average,
+    machine_description,
+    machine_line,
+    markers,
+    utc_now,
+    write_section,
+)
 from kernels import gla_attention, quasar_attention  # noqa: E402
 
-START_MARKER = "<!-- kernels_cpu:start -->"
-END_MARKER = "<!-- kernels_cpu:end -->"
+SECTION = "kernels_cpu"
+START_MARKER, END_MARKER = markers(SECTION)
 OPS: dict[str, Callable] = {"quasar_attention": quasar_attention, "gla_attention": gla_attention}
 
 
@@ -151,32 +156,6 @@ def warm_up(ops: list[str], backends: list[str], B: int, H: int, D: int) -> None
             (o.sum() + S.sum()).backward()
 
 
-def machine_description() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            cpu = names[0]
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": str(os.cpu_count()),
-        "torch_threads": str(torch.get_num_threads()),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def load_average() -> str:
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except (AttributeError, OSError):
-        return "n/a"
-
-
 def format_table(rows: list[dict]) -> str:
     header = (
         "| op | backend | T | fwd (s) | fwd+bwd (s) | fwd tokens/s | fwd+bwd tokens/s "
@@ -228,7 +207,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict[str, str]]:
 
 
 def render_section(rows: list[dict], machine: dict[str, str], args: argparse.Namespace, meta: dict) -> str:
-    command = "python bench/kernels_cpu.py" + ("" if not meta["argv"] else " " + shlex.join(meta["argv"]))
+    command = command_line("bench/kernels_cpu.py", meta["argv"])
     return "\n".join(
         [
             START_MARKER,
@@ -243,8 +222,7 @@ def render_section(rows: list[dict], machine: dict[str, str], args: argparse.Nam
             "",
             f"- Command: `{command}`",
             f"- Date: {meta['date']} (total wall time {meta['wall_s']:.0f} s)",
-            f"- Machine: {machine['platform']}; CPU: {machine['cpu']}; {machine['cpu_count']} logical CPUs; "
-            f"torch {machine['torch']} ({machine['torch_threads']} threads); Python {machine['python']}",
+            f"- Machine: {machine_line(machine)}",
             f"- Load average (1/5/15 min) at start: {meta['load_start']}, at end: {meta['load_end']}",
             "",
             format_table(rows),
@@ -253,25 +231,11 @@ def render_section(rows: list[dict], machine: dict[str, str], args: argparse.Nam
     )
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the kernels_cpu section of `path` (markers included), or append it; keep everything else."""
-    if not path.exists():
-        path.write_text("# Benchmarks\n\n" + section + "\n")
-        return
-    text = path.read_text()
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
-    if start != -1 and end != -1 and end > start:
-        text = text[:start] + section + text[end + len(END_MARKER) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     meta = {
         "argv": sys.argv[1:] if argv is None else argv,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_now(),
         "load_start": load_average(),
     }
     start = time.perf_counter()
@@ -281,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     section = render_section(rows, machine, args, meta)
     print(section)
     if args.out is not None:
-        write_section(args.out, section)
+        write_section(args.out, SECTION, section)
         print(f"\nwrote the kernels_cpu section of {args.out}", file=sys.stderr)
 
 

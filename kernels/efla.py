@@ -103,11 +103,19 @@ def chunk_efla(
         if initial_state is None
         else initial_state.to(acc)
     )
-    outputs = []
-    for n in range(N):
-        u = U[:, :, n] - W[:, :, n] @ S
-        outputs.append(q_c[:, :, n] @ S + qk[:, :, n] @ u)
-        S = S + k_c[:, :, n].transpose(-1, -2) @ u
-    o = torch.stack(outputs, dim=2) if outputs else q_c.new_zeros(B, H, 0, C, V)  # T = 0: no chunks
+    # Sequential part: only the state and the corrected values u move chunk to chunk. `unbind` (not
+    # per-chunk indexing) keeps the backward linear in T: indexing a slice in a loop makes autograd
+    # scatter each chunk's gradient into a full-size zero tensor.
+    states, corrected = [], []
+    for U_n, W_n, k_n in zip(U.unbind(2), W.unbind(2), k_c.unbind(2)):
+        u = U_n - W_n @ S
+        states.append(S)
+        corrected.append(u)
+        S = S + k_n.transpose(-1, -2) @ u
+    if N:
+        S_in, u_all = torch.stack(states, dim=2), torch.stack(corrected, dim=2)  # [B, H, N, K|C, V]
+        o = q_c @ S_in + qk @ u_all
+    else:  # T = 0: no chunks
+        o = q_c.new_zeros(B, H, 0, C, V)
     o = o.reshape(B, H, N * C, V)[:, :, :T]
     return o.transpose(1, 2).to(out_dtype), (S if output_final_state else None)

@@ -91,9 +91,10 @@ def chunk_gla(
         else initial_state.to(acc)
     )
     states = []
-    for n in range(N):
+    # `unbind`, not per-chunk indexing, keeps the backward linear in T (see kernels/efla.py).
+    for decay_n, kv_n in zip(chunk_decay.unbind(2), kv.unbind(2)):
         states.append(S)
-        S = chunk_decay[:, :, n] * S + kv[:, :, n]
+        S = decay_n * S + kv_n
     # [B, H, N, K, V], the state entering each chunk (N = 0 when T = 0)
     S_in = torch.stack(states, dim=2) if states else S.new_zeros(B, H, 0, K, V)
     o = (q_c * G.exp()) @ S_in + o_intra

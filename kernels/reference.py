@@ -64,12 +64,12 @@ def naive_recurrent_efla(
     q, k, v, beta = q.to(acc), k.to(acc), v.to(acc), beta.to(acc)
     S = _init_state(initial_state, B, H, K, V, q.device, acc)
     outputs = []
-    for t in range(T):
-        k_t, v_t = k[:, t], v[:, t]
-        a_t = efla_step_size(beta[:, t], (k_t * k_t).sum(-1))  # [B, H]
+    # unbind, not q[:, t]: per-step indexing would make the backward quadratic in T.
+    for q_t, k_t, v_t, beta_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), beta.unbind(1)):
+        a_t = efla_step_size(beta_t, (k_t * k_t).sum(-1))  # [B, H]
         prediction = torch.einsum("bhk,bhkv->bhv", k_t, S)
         S = S + torch.einsum("bhk,bhv->bhkv", a_t[..., None] * k_t, v_t - prediction)
-        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+        outputs.append(torch.einsum("bhk,bhkv->bhv", q_t * scale, S))
     o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, V)
     return o.to(out_dtype), (S if output_final_state else None)
 
@@ -95,8 +95,8 @@ def naive_recurrent_gla(
     q, k, v, g = q.to(acc), k.to(acc), v.to(acc), g.to(acc)
     S = _init_state(initial_state, B, H, K, V, q.device, acc)
     outputs = []
-    for t in range(T):
-        S = S * g[:, t].exp()[..., None] + torch.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
-        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+    for q_t, k_t, v_t, g_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), g.unbind(1)):
+        S = S * g_t.exp()[..., None] + torch.einsum("bhk,bhv->bhkv", k_t, v_t)
+        outputs.append(torch.einsum("bhk,bhkv->bhv", q_t * scale, S))
     o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, V)
     return o.to(out_dtype), (S if output_final_state else None)
