@@ -7,6 +7,7 @@ import argparse
 import resource
 import sys
 import time
+import typing
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -62,8 +63,10 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          (cfg.device if cfg.device != "auto" else "cpu"))
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     torch.manual_seed(cfg.seed)
     config = QuasarConfig.from_preset(cfg.preset)
@@ -116,10 +119,15 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per DemoConfig field; argparse only converts types, pydantic validates values."""
     for name, field in DemoConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        kind = {int: int, str: str}.get(field.annotation, int if "int" in str(field.annotation) else str)
-        parser.add_argument(flag, type=kind, default=field.default, help=f"{field.description or name} (default: {field.default})")
+        kind = int if int in (typing.get_args(field.annotation) or (field.annotation,)) else str
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=field.default,
+            help=f"{field.description or name} (default: {field.default})",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
