@@ -103,8 +103,12 @@ def worker(model_name: str, preset: str, tokens: int, chunk: int, seed: int, thr
 
     with torch.inference_mode():
         # Warm-up on a separate cache so that no timed call pays one-time costs.
-        model(torch.randint(0, vocab, (1, min(chunk, 256)), generator=gen), past_key_values=new_cache(),
-              use_cache=True, logits_to_keep=1)
+        model(
+            torch.randint(0, vocab, (1, min(chunk, 256)), generator=gen),
+            past_key_values=new_cache(),
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache = new_cache()
         done = 0
         start = time.perf_counter()
@@ -130,8 +134,20 @@ def measure(model: str, tokens: int, args: argparse.Namespace, budget: float | N
     """Run one worker; returns its result, or a record of how far it got when it ran out of time."""
     from tqdm import tqdm
 
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", model, "--tokens", str(tokens),
-           "--preset", args.preset, "--chunk", str(args.chunk), "--seed", str(args.seed)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        model,
+        "--tokens",
+        str(tokens),
+        "--preset",
+        args.preset,
+        "--chunk",
+        str(args.chunk),
+        "--seed",
+        str(args.seed),
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -143,8 +159,9 @@ def measure(model: str, tokens: int, args: argparse.Namespace, budget: float | N
     if watchdog is not None:
         watchdog.start()
     try:
-        with tqdm(total=tokens, unit="tok", desc=f"{model:6s} {tokens:>9,}", smoothing=0.1,
-                  file=sys.stderr) as bar:
+        with tqdm(
+            total=tokens, unit="tok", desc=f"{model:6s} {tokens:>9,}", smoothing=0.1, file=sys.stderr
+        ) as bar:
             assert proc.stdout is not None
             for line in proc.stdout:
                 if line.startswith("PROGRESS "):
@@ -164,9 +181,15 @@ def measure(model: str, tokens: int, args: argparse.Namespace, budget: float | N
     if result is not None:
         return {"model": model, "status": "ok", **result}
     if timed_out:
-        return {"model": model, "status": "timeout", "budget_s": budget, "tokens": tokens,
-                "tokens_done": last["tokens"], "seconds_done": last["seconds"],
-                "peak_rss_bytes": last["peak_rss_bytes"]}
+        return {
+            "model": model,
+            "status": "timeout",
+            "budget_s": budget,
+            "tokens": tokens,
+            "tokens_done": last["tokens"],
+            "seconds_done": last["seconds"],
+            "peak_rss_bytes": last["peak_rss_bytes"],
+        }
     raise RuntimeError(f"{model} worker for {tokens} tokens failed with exit code {proc.returncode}")
 
 
@@ -206,15 +229,28 @@ def plot(rows: list[dict], path: Path) -> None:
             ax_m.plot(xs, [r["peak_rss_bytes"] / 2**30 for r in ok], marker=marker, label=model)
         for r in rows:
             if r["model"] == model and r["status"] == "timeout":
-                ax_t.scatter([r["tokens"]], [r["budget_s"]], marker="x", color="red", zorder=3,
-                             label=f"{model}: stopped at budget")
+                ax_t.scatter(
+                    [r["tokens"]],
+                    [r["budget_s"]],
+                    marker="x",
+                    color="red",
+                    zorder=3,
+                    label=f"{model}: stopped at budget",
+                )
     lengths = sorted({r["tokens"] for r in rows})
     quasar_ok = {r["tokens"]: r["seconds"] for r in rows if r["model"] == "quasar" and r["status"] == "ok"}
     if quasar_ok:
         x0 = min(quasar_ok)
-        ax_t.plot(lengths, [quasar_ok[x0] * x / x0 for x in lengths], ":", color="gray", label="linear in length")
-    ax_t.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="streaming time (s)",
-             title="Time to stream the context")
+        ax_t.plot(
+            lengths, [quasar_ok[x0] * x / x0 for x in lengths], ":", color="gray", label="linear in length"
+        )
+    ax_t.set(
+        xscale="log",
+        yscale="log",
+        xlabel="context tokens",
+        ylabel="streaming time (s)",
+        title="Time to stream the context",
+    )
     ax_m.set(xscale="log", xlabel="context tokens", ylabel="peak RSS (GiB)", title="Peak resident memory")
     ax_m.set_ylim(bottom=0)
     for ax in (ax_t, ax_m):
@@ -255,13 +291,17 @@ def render_section(report: dict) -> str:
     ]
     for r in report["rows"]:
         if r["status"] == "ok":
-            lines.append(f"| {r['model']} | {fmt_len(r['tokens'])} | ok | {r['seconds']:.1f} "
-                         f"| {r['tokens'] / r['seconds']:,.0f} | {r['peak_rss_bytes'] / 2**20:,.0f} |")
+            lines.append(
+                f"| {r['model']} | {fmt_len(r['tokens'])} | ok | {r['seconds']:.1f} "
+                f"| {r['tokens'] / r['seconds']:,.0f} | {r['peak_rss_bytes'] / 2**20:,.0f} |"
+            )
         elif r["status"] == "timeout":
-            lines.append(f"| {r['model']} | {fmt_len(r['tokens'])} | stopped at {r['budget_s']:g} s after "
-                         f"{r['tokens_done']:,} tokens | > {r['budget_s']:g} | "
-                         f"{r['tokens_done'] / max(r['seconds_done'], 1e-9):,.0f} (so far) "
-                         f"| {r['peak_rss_bytes'] / 2**20:,.0f} (so far) |")
+            lines.append(
+                f"| {r['model']} | {fmt_len(r['tokens'])} | stopped at {r['budget_s']:g} s after "
+                f"{r['tokens_done']:,} tokens | > {r['budget_s']:g} | "
+                f"{r['tokens_done'] / max(r['seconds_done'], 1e-9):,.0f} (so far) "
+                f"| {r['peak_rss_bytes'] / 2**20:,.0f} (so far) |"
+            )
         else:
             lines.append(f"| {r['model']} | {fmt_len(r['tokens'])} | skipped: {r['reason']} | – | – | – |")
     lines.append("")
@@ -273,11 +313,15 @@ def render_section(report: dict) -> str:
         if model == "quasar" and rat["short"] == 65536 and rat["long"] == 2**20:
             ok_t = rat["time_ratio"] <= TIME_RATIO_TARGET
             ok_m = rat["memory_ratio"] <= MEMORY_RATIO_TARGET
-            verdict = (f" Targets: time <= {TIME_RATIO_TARGET} ({'met' if ok_t else 'MISSED'}), "
-                       f"memory <= {MEMORY_RATIO_TARGET}x ({'met' if ok_m else 'MISSED'}).")
-        lines.append(f"- `{model}` {fmt_len(rat['long'])} vs {fmt_len(rat['short'])} "
-                     f"({rat['long'] / rat['short']:g}x the tokens): time x{rat['time_ratio']:.2f}, "
-                     f"peak RSS x{rat['memory_ratio']:.2f}.{verdict}")
+            verdict = (
+                f" Targets: time <= {TIME_RATIO_TARGET} ({'met' if ok_t else 'MISSED'}), "
+                f"memory <= {MEMORY_RATIO_TARGET}x ({'met' if ok_m else 'MISSED'})."
+            )
+        lines.append(
+            f"- `{model}` {fmt_len(rat['long'])} vs {fmt_len(rat['short'])} "
+            f"({rat['long'] / rat['short']:g}x the tokens): time x{rat['time_ratio']:.2f}, "
+            f"peak RSS x{rat['memory_ratio']:.2f}.{verdict}"
+        )
     lines += ["", f"![streaming time and memory]({report['plot']})", end_marker]
     return "\n".join(lines)
 
@@ -287,17 +331,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from quasar.configuration import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lengths", type=parse_int_list, default=[16_384, 65_536, 262_144, 1_048_576],
-                   help="context lengths in tokens (default 16K,64K,256K,1M)")
+    p.add_argument(
+        "--lengths",
+        type=parse_int_list,
+        default=[16_384, 65_536, 262_144, 1_048_576],
+        help="context lengths in tokens (default 16K,64K,256K,1M)",
+    )
     p.add_argument("--preset", default="small", choices=list(PRESETS), help="Quasar preset (default small)")
     p.add_argument("--chunk", type=int, default=2048, help="tokens per forward call (default 2048)")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
-    p.add_argument("--baseline-budget", type=float, default=600.0,
-                   help="seconds the qwen3 baseline may take at one length (default 600)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default: torch's)")
+    p.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}"
+    )
+    p.add_argument(
+        "--baseline-budget",
+        type=float,
+        default=600.0,
+        help="seconds the qwen3 baseline may take at one length (default 600)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads per worker (default: torch's)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results-dir", type=Path, default=REPO_ROOT / "bench" / "results",
-                   help="where streaming.json and streaming.png go (default bench/results)")
+    p.add_argument(
+        "--results-dir",
+        type=Path,
+        default=REPO_ROOT / "bench" / "results",
+        help="where streaming.json and streaming.png go (default bench/results)",
+    )
     p.add_argument("--out", type=Path, default=None, help="markdown file whose streaming section is written")
     p.add_argument("--worker", choices=MODELS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--tokens", type=int, default=None, help=argparse.SUPPRESS)
@@ -320,15 +380,22 @@ def main(argv: list[str] | None = None) -> None:
         return
     from bench.common import load_average, machine_description, utc_now, write_section
 
-    report: dict = {"argv": sys.argv[1:] if argv is None else list(argv), "date": utc_now(),
-                    "load_start": load_average(), "rows": [], "parameters": {}}
+    report: dict = {
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "date": utc_now(),
+        "load_start": load_average(),
+        "rows": [],
+        "parameters": {},
+    }
     start = time.perf_counter()
     baseline_stopped_at = None
     for tokens in sorted(args.lengths):
         for model in args.models:
             if model == "qwen3" and baseline_stopped_at is not None:
                 reason = f"did not finish {fmt_len(baseline_stopped_at)} in {args.baseline_budget:g} s"
-                report["rows"].append({"model": model, "tokens": tokens, "status": "skipped", "reason": reason})
+                report["rows"].append(
+                    {"model": model, "tokens": tokens, "status": "skipped", "reason": reason}
+                )
                 continue
             budget = args.baseline_budget if model == "qwen3" else None
             row = measure(model, tokens, args, budget)

@@ -56,7 +56,7 @@ def naive_recurrent_efla(
 
     S_t = (I - a_t k_t k_t^T) S_{t-1} + a_t k_t v_t^T,   o_t = scale * S_t^T q_t.
     """
-    B, T, H, K = q.shape
+    B, _, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
     out_dtype = v.dtype
@@ -87,7 +87,7 @@ def naive_recurrent_gla(
 
     S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T,   o_t = scale * S_t^T q_t,   g_t <= 0 (log forget gates).
     """
-    B, T, H, K = q.shape
+    B, _, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
     out_dtype = v.dtype

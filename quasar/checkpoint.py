@@ -88,9 +88,13 @@ def read_checkpoint_config(path: str | Path) -> QuasarConfig:
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise CheckpointError(f"{path}: no config.json; a Quasar checkpoint is a directory with config.json and *.safetensors")
+        raise CheckpointError(
+            f"{path}: no config.json; a Quasar checkpoint is a directory with config.json and *.safetensors"
+        )
     if cfg_file.stat().st_size > MAX_CONFIG_BYTES:
-        raise CheckpointError(f"{cfg_file}: {cfg_file.stat().st_size} bytes, larger than the {MAX_CONFIG_BYTES} allowed")
+        raise CheckpointError(
+            f"{cfg_file}: {cfg_file.stat().st_size} bytes, larger than the {MAX_CONFIG_BYTES} allowed"
+        )
     try:
         raw: dict[str, Any] = json.loads(cfg_file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -99,8 +103,12 @@ def read_checkpoint_config(path: str | Path) -> QuasarConfig:
         found = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"{cfg_file}: model_type is {found!r}, expected 'quasar'")
     if raw.get("auto_map"):
-        raise CheckpointError(f"{cfg_file}: declares auto_map (custom code); only the built-in Quasar classes are loaded")
-    fields = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "transformers_version")}
+        raise CheckpointError(
+            f"{cfg_file}: declares auto_map (custom code); only the built-in Quasar classes are loaded"
+        )
+    fields = {
+        k: v for k, v in raw.items() if k not in ("model_type", "architectures", "transformers_version")
+    }
     try:
         return QuasarConfig(**fields)
     except (TypeError, ValueError) as e:
@@ -110,7 +118,9 @@ def read_checkpoint_config(path: str | Path) -> QuasarConfig:
 def _weight_files(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        others = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"})
+        others = sorted(
+            p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
+        )
         hint = f" (found {', '.join(others)}: pickle-based formats are refused)" if others else ""
         raise CheckpointError(f"{path}: no *.safetensors weights{hint}")
     return files
@@ -151,7 +161,9 @@ def load_checkpoint(
     unexpected = sorted(set(state) - set(expected_shapes))
     missing = sorted(set(expected_shapes) - set(state) - tied)
     if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        raise CheckpointError(
+            f"{path}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
     if missing:
         raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for name, tensor in state.items():
@@ -160,7 +172,9 @@ def load_checkpoint(
                 f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {expected_shapes[name]}"
             )
         if not tensor.is_floating_point():
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected floating point"
+            )
         if check_finite and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{path}: tensor {name!r} contains NaN or infinite values")
 

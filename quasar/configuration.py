@@ -141,7 +141,10 @@ class QuasarConfig(PretrainedConfig):
     @property
     def block_kinds(self) -> list[str]:
         """Kind of each block of the body ("quasar" or "gla"), cycling through `layer_pattern`."""
-        return [LAYER_KINDS[self.layer_pattern[i % len(self.layer_pattern)]] for i in range(self.num_hidden_layers)]
+        return [
+            LAYER_KINDS[self.layer_pattern[i % len(self.layer_pattern)]]
+            for i in range(self.num_hidden_layers)
+        ]
 
     @property
     def moe_block_indices(self) -> list[int]:
@@ -178,10 +181,15 @@ class QuasarConfig(PretrainedConfig):
         need(self.num_loops >= 1, "num_loops", "must be at least 1")
         need(self.num_heads > 0 and self.head_dim > 0, "num_heads", "num_heads and head_dim must be positive")
         need(self.conv_size >= 1, "conv_size", "must be at least 1")
-        need(0 < self.beta_init_min <= self.beta_init_max, "beta_init_min", "need 0 < beta_init_min <= beta_init_max")
+        need(
+            0 < self.beta_init_min <= self.beta_init_max,
+            "beta_init_min",
+            "need 0 < beta_init_min <= beta_init_max",
+        )
         need(self.gla_num_heads > 0, "gla_num_heads", "must be positive")
         need(
-            self.gla_key_dim > 0 and self.gla_key_dim * self.gla_num_heads == int(self.hidden_size * self.gla_expand_k),
+            self.gla_key_dim > 0
+            and self.gla_key_dim * self.gla_num_heads == int(self.hidden_size * self.gla_expand_k),
             "gla_expand_k",
             "hidden_size * gla_expand_k must be a positive multiple of gla_num_heads",
         )
@@ -197,7 +205,11 @@ class QuasarConfig(PretrainedConfig):
             need(self.memory_dim > 0, "memory_dim", "must be positive")
             need(self.memory_segment_size > 0, "memory_segment_size", "must be positive")
             need(0 < self.memory_write_rate_init < 1, "memory_write_rate_init", "must be in (0, 1)")
-        need(0 <= self.dense_layers <= self.num_hidden_layers, "dense_layers", "must be in [0, num_hidden_layers]")
+        need(
+            0 <= self.dense_layers <= self.num_hidden_layers,
+            "dense_layers",
+            "must be in [0, num_hidden_layers]",
+        )
         need(self.num_experts >= 0, "num_experts", "must be >= 0 (0 = dense FFN everywhere)")
         if self.num_experts > 0:
             need(
@@ -224,7 +236,11 @@ class QuasarConfig(PretrainedConfig):
         need(self.position_mode == "none" or self.head_dim % 2 == 0, "head_dim", "must be even for RoPE")
         need(self.residual_scale > 0, "residual_scale", "must be positive")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
-        need(self.attention_backend in ("auto", "triton", "torch", "naive"), "attention_backend", "unknown backend")
+        need(
+            self.attention_backend in ("auto", "triton", "torch", "naive"),
+            "attention_backend",
+            "unknown backend",
+        )
 
     # ---- presets --------------------------------------------------------------------------------
 
@@ -287,4 +303,3 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The published Quasar-3B-A1B shape (reference.md section 1.1), with the defects fixed.
     "3b-a1b": dict(),
 }
-

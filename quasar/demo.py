@@ -72,9 +72,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     config = QuasarConfig.from_preset(cfg.preset)
     model = QuasarForCausalLM(config).to(device=device, dtype=dtype).eval()
     counts = model.parameter_counts()
-    print(f"Quasar preset {cfg.preset!r}: {counts['total'] / 1e6:.1f}M parameters, "
-          f"{counts['active'] / 1e6:.1f}M active per token; {config.num_loops} loop(s) of "
-          f"{config.num_hidden_layers} blocks ({config.layer_pattern}); device {device}, {cfg.dtype}")
+    print(
+        f"Quasar preset {cfg.preset!r}: {counts['total'] / 1e6:.1f}M parameters, "
+        f"{counts['active'] / 1e6:.1f}M active per token; {config.num_loops} loop(s) of "
+        f"{config.num_hidden_layers} blocks ({config.layer_pattern}); device {device}, {cfg.dtype}"
+    )
 
     generator = torch.Generator().manual_seed(cfg.seed)
     context = torch.randint(0, config.vocab_size, (1, cfg.tokens), generator=generator)
@@ -110,8 +112,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     if device.type == "cuda":
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     print(f"streamed {cfg.tokens:,} tokens in {elapsed:.1f}s: {result['tokens_per_second']:,.0f} tokens/s")
-    print(f"peak RSS {result['peak_rss_bytes'] / 2**20:,.0f} MiB; recurrent cache {result['cache_bytes'] / 2**20:.2f} MiB "
-          "(constant in context length)")
+    print(
+        f"peak RSS {result['peak_rss_bytes'] / 2**20:,.0f} MiB; recurrent cache {result['cache_bytes'] / 2**20:.2f} MiB "
+        "(constant in context length)"
+    )
     if "peak_cuda_bytes" in result:
         print(f"peak CUDA memory {result['peak_cuda_bytes'] / 2**20:,.0f} MiB")
     print(f"generated {len(generated)} tokens after the context: {generated}")
@@ -133,7 +137,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quasar", description="Quasar student model tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="stream a long random context through a preset and generate a few tokens")
+    demo = sub.add_parser(
+        "demo", help="stream a long random context through a preset and generate a few tokens"
+    )
     add_demo_arguments(demo)
     args = parser.parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k != "command"}

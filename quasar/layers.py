@@ -68,7 +68,7 @@ class ShortConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))
 
     def forward(self, x: torch.Tensor, tail: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        B, T, C = x.shape
+        B, _, C = x.shape
         if tail is None:
             tail = x.new_zeros(B, self.kernel_size - 1, C)
         xx = torch.cat((tail.to(x.dtype), x), dim=1)  # [B, K-1+T, C]

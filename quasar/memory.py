@@ -78,7 +78,9 @@ class LatentMemory(nn.Module):
         banks = [bank]
         if n_full:
             zs = z_all[:, : n_full * S].float().reshape(B, n_full, S, m)
-            pool = torch.softmax((logit_all[:, : n_full * S] + logsal_all[:, : n_full * S]).reshape(B, n_full, S), -1)
+            pool = torch.softmax(
+                (logit_all[:, : n_full * S] + logsal_all[:, : n_full * S]).reshape(B, n_full, S), -1
+            )
             z_seg = (pool[..., None] * zs).sum(2)  # [B, n_full, m]
             e_seg = (pool * logsal_all[:, : n_full * S].exp().reshape(B, n_full, S)).sum(-1)  # [B, n_full]
             temperature = self.slot_log_temperature.float().exp() / math.sqrt(m)

@@ -197,7 +197,9 @@ class QuasarPreTrainedModel(PreTrainedModel):
             init.zeros_(module.momentum)
 
         if isinstance(module, QuasarAttention):
-            u = torch.empty_like(module.beta_bias, device="cpu").uniform_(cfg.beta_init_min, cfg.beta_init_max)
+            u = torch.empty_like(module.beta_bias, device="cpu").uniform_(
+                cfg.beta_init_min, cfg.beta_init_max
+            )
             init.copy_(module.beta_bias, _inverse_softplus(u))
             if module.beta_proj is not None:
                 init.zeros_(module.beta_proj.weight)
@@ -285,7 +287,7 @@ class QuasarModel(QuasarPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = QuasarCache(self.num_cache_layers)
 
-        B, T, _ = inputs_embeds.shape
+        T = inputs_embeds.shape[1]
         offset = past_key_values.seen_tokens if past_key_values is not None else 0
         rope = None
         if cfg.position_mode == "rope":
@@ -371,7 +373,9 @@ class QuasarForCausalLM(QuasarPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
@@ -386,8 +390,11 @@ class QuasarForCausalLM(QuasarPreTrainedModel, GenerationMixin):
     ) -> dict[str, Any]:
         # Feed only the tokens the cache has not seen yet.
         if past_key_values is not None and past_key_values.seen_tokens > 0:
-            return {"input_ids": input_ids[:, past_key_values.seen_tokens :], "past_key_values": past_key_values,
-                    "use_cache": use_cache}
+            return {
+                "input_ids": input_ids[:, past_key_values.seen_tokens :],
+                "past_key_values": past_key_values,
+                "use_cache": use_cache,
+            }
         inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids}
         return {**inputs, "past_key_values": past_key_values, "use_cache": use_cache}
 
@@ -402,7 +409,9 @@ class QuasarForCausalLM(QuasarPreTrainedModel, GenerationMixin):
         """SMEBU bias update for every MoE layer at once; call after each optimizer step with the
         step's token counts summed across data-parallel ranks (so every rank ends identical)."""
         if self.model.router_balance is None:
-            raise ValueError("this model has no MoE layers (num_experts=0): there is no router bias to update")
+            raise ValueError(
+                "this model has no MoE layers (num_experts=0): there is no router bias to update"
+            )
         self.model.router_balance.update(token_counts)
 
     # ---- sizes -------------------------------------------------------------------------------------

@@ -17,8 +17,13 @@ def test_transformers_does_not_take_our_kernels_for_the_hub_package():
 def test_transformers_builds_saves_and_loads_a_model_normally(tmp_path):
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(tmp_path)

@@ -14,12 +14,33 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def test_streaming_bench_records_results_and_enforces_the_baseline_budget(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
-    out.write_text("# Benchmarks\n\nkept before\n\n<!-- streaming:start -->\nold\n<!-- streaming:end -->\nkept after\n")
+    out.write_text(
+        "# Benchmarks\n\nkept before\n\n<!-- streaming:start -->\nold\n<!-- streaming:end -->\nkept after\n"
+    )
     results = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "bench/streaming.py", "--preset", "tiny", "--lengths", "96,200", "--chunk", "64",
-         "--baseline-budget", "0.05", "--threads", "1", "--results-dir", str(results), "--out", str(out)],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+        [
+            sys.executable,
+            "bench/streaming.py",
+            "--preset",
+            "tiny",
+            "--lengths",
+            "96,200",
+            "--chunk",
+            "64",
+            "--baseline-budget",
+            "0.05",
+            "--threads",
+            "1",
+            "--results-dir",
+            str(results),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((results / "streaming.json").read_text())

@@ -73,7 +73,7 @@ def _edit_weights(path, fn):
 
 
 def test_wrong_shape_missing_extra_and_nan_tensors_are_rejected(saved, tmp_path):
-    _, path = saved
+    _, _path = saved
     name = "model.blocks.0.mixer.q_proj.weight"
     cases = {
         "has shape": lambda s: s.__setitem__(name, torch.zeros(3, 3)),
@@ -90,7 +90,7 @@ def test_wrong_shape_missing_extra_and_nan_tensors_are_rejected(saved, tmp_path)
 
 
 def test_bad_configs_and_pickles_are_rejected(saved):
-    model, path = saved
+    _model, path = saved
     cfg_file = path / "config.json"
     original = cfg_file.read_text()
 
@@ -114,7 +114,7 @@ def test_bad_configs_and_pickles_are_rejected(saved):
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(saved, monkeypatch):
-    model, path = saved
+    _model, path = saved
     before = logits(load_checkpoint(path))
 
     def crash(*args, **kwargs):

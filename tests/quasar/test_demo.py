@@ -15,9 +15,24 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def test_demo_runs_as_a_module():
     proc = subprocess.run(
-        [sys.executable, "-m", "quasar", "demo", "--preset", "tiny", "--tokens", "300", "--chunk", "128",
-         "--generate", "3"],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "quasar",
+            "demo",
+            "--preset",
+            "tiny",
+            "--tokens",
+            "300",
+            "--chunk",
+            "128",
+            "--generate",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "streamed 300 tokens" in proc.stdout

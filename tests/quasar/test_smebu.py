@@ -32,8 +32,12 @@ def test_bias_update_matches_the_formula_on_hand_made_counts():
     for step_counts in (counts, counts.flip(-1), torch.tensor([[7.0, 8.0, 9.0, 16.0]])):
         model.update_router_bias(step_counts)
         b, m = reference_smebu(b, m, step_counts.tolist())
-        torch.testing.assert_close(balance.bias.double(), torch.tensor(b, dtype=torch.float64), rtol=0, atol=1e-9)
-        torch.testing.assert_close(balance.momentum.double(), torch.tensor(m, dtype=torch.float64), rtol=0, atol=1e-9)
+        torch.testing.assert_close(
+            balance.bias.double(), torch.tensor(b, dtype=torch.float64), rtol=0, atol=1e-9
+        )
+        torch.testing.assert_close(
+            balance.momentum.double(), torch.tensor(m, dtype=torch.float64), rtol=0, atol=1e-9
+        )
     # Overloaded expert 3 ends below under-loaded expert 1 after the first update.
     model2 = tiny_model()
     model2.update_router_bias(counts)

@@ -25,7 +25,9 @@ def stream(model, ids: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 def random_sizes(total: int, seed: int) -> list[int]:
     rng, sizes = random.Random(seed), []
     while sum(sizes) < total:
-        sizes.append(min(rng.choice([1, 3, 7, SEGMENT - 1, SEGMENT, SEGMENT + 5, 29, 40]), total - sum(sizes)))
+        sizes.append(
+            min(rng.choice([1, 3, 7, SEGMENT - 1, SEGMENT, SEGMENT + 5, 29, 40]), total - sum(sizes))
+        )
     return sizes
 
 
@@ -65,7 +67,9 @@ def test_cache_size_is_bounded_and_periodic_in_stream_length():
             cache = out.past_key_values
             sizes[step + 1] = cache.nbytes()
         # One more long call: the bank is fixed-size, only the unfinished segment (< SEGMENT rows) varies.
-        cache = model(torch.randint(0, 256, (1, 100 * SEGMENT)), past_key_values=cache, use_cache=True).past_key_values
+        cache = model(
+            torch.randint(0, 256, (1, 100 * SEGMENT)), past_key_values=cache, use_cache=True
+        ).past_key_values
     assert cache.seen_tokens == 112 * SEGMENT
     assert cache.nbytes() == sizes[SEGMENT]  # a whole number of segments seen in both cases
     assert max(sizes.values()) == sizes[SEGMENT - 1]  # the largest unfinished segment
