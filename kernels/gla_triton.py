@@ -1,0 +1,404 @@
+"""Gated linear attention as chunked Triton kernels, forward and backward.
+
+Same algorithm as `kernels/gla.py`: chunks of C = 64 tokens pass the [Dk, Dv] state; inside a
+chunk, with G the within-chunk cumulative log-gate, every exponent is kept <= 0:
+
+- rows against earlier 16-token sub-blocks: both factors re-referenced to the start of the row
+  sub-block (q e^{G - r}, k e^{r - G}), then a matmul;
+- the diagonal 16 x 16 sub-blocks: element-wise in log space, one key at a time.
+
+forward
+  1. `_gla_cumsum`     per (chunk, head): G = cumsum of g within the chunk (fp32).
+  2. `_gla_state`      per (document, head, K block, V block), sequential over chunks:
+                       stores the entering state, S = e^{G_last} S + (K e^{G_last - G})^T V.
+  3. `_gla_output`     per (chunk, head, V block): o = scale [(Q e^G) S + A V], A as above.
+backward
+  4. `_gla_state_bwd`  per (document, head, K block, V block), chunks in reverse: the gradient
+                       of each chunk's leaving state and of the initial state.
+  5. `_gla_chunk_bwd`  per (chunk, head): dq, dk, dv.
+  dg comes from dq and dk without another pass over the scores: writing q~ = q e^Γ and
+  k~ = k e^{-Γ} (Γ the cumulative log-gate of the document), dL/dΓ_t = q_t dq_t - k_t dk_t,
+  plus dht * ht at the document's last token; dg is its reverse cumulative sum per document.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.varlen import chunk_table
+
+GLA_TRITON_CHUNK = 64
+GLA_TRITON_SUB = 16
+
+
+@triton.jit
+def _gla_cumsum(
+    g, G, chunk_start, chunk_end,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    bos = tl.load(chunk_start + i_c)
+    eos = tl.load(chunk_end + i_c)
+    rows = bos + tl.arange(0, C)
+    ck = tl.arange(0, BK)
+    m = (rows[:, None] < eos) & (ck[None, :] < K)
+    offsets = (rows[:, None] * H + i_h) * K + ck[None, :]
+    b_g = tl.load(g + offsets, mask=m, other=0.0).to(tl.float32)
+    tl.store(G + offsets, tl.cumsum(b_g, 0), mask=m)
+
+
+@triton.jit
+def _gla_state(
+    k, v, G, h0, hs, ht,
+    cu_seqlens, seq_chunk_offset,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    first_chunk = tl.load(seq_chunk_offset + i_n)
+    n_chunks = tl.cdiv(eos - bos, C)
+    ck = i_k * BK + tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    state_mask = (ck[:, None] < K) & (cv[None, :] < V)
+    state_offsets = ck[:, None] * V + cv[None, :]
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h += tl.load(h0 + i_nh * K * V + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
+    for i_c in range(n_chunks):
+        tl.store(hs + ((first_chunk + i_c) * H + i_h) * K * V + state_offsets, b_h, mask=state_mask)
+        rows = bos + i_c * C + tl.arange(0, C)
+        row_ok = rows < eos
+        last = tl.minimum(bos + i_c * C + C, eos) - 1
+        mk = row_ok[:, None] & (ck[None, :] < K)
+        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
+        b_v = tl.load(
+            v + (rows[:, None] * H + i_h) * V + cv[None, :], mask=row_ok[:, None] & (cv[None, :] < V), other=0.0
+        ).to(tl.float32)
+        b_G = tl.load(G + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        b_Glast = tl.load(G + (last * H + i_h) * K + ck, mask=ck < K, other=0.0)
+        b_kd = b_k * tl.exp(tl.where(mk, b_Glast[None, :] - b_G, float("-inf")))
+        b_h = b_h * tl.exp(b_Glast)[:, None] + tl.dot(tl.trans(b_kd), b_v, input_precision=PRECISION)
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_nh * K * V + state_offsets, b_h, mask=state_mask)
+
+
+@triton.jit
+def _gla_output(
+    q, k, v, G, hs, o, scale,
+    chunk_start, chunk_end,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(chunk_start + i_c)
+    eos = tl.load(chunk_end + i_c)
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    s = tl.arange(0, S)
+    b_h = tl.load(
+        hs + (i_c * H + i_h) * K * V + ck[:, None] * V + cv[None, :],
+        mask=(ck[:, None] < K) & (cv[None, :] < V),
+        other=0.0,
+    )
+    for i in tl.static_range(C // S):
+        rows = bos + i * S + s
+        mk = (rows[:, None] < eos) & (ck[None, :] < K)
+        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32) * scale
+        b_G = tl.load(G + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        b_o = tl.dot(b_q * tl.exp(b_G), b_h, input_precision=PRECISION)
+        if i > 0:
+            # reference: the cumulative gate at the end of the previous sub-block (clamped to the chunk;
+            # when clamped, this whole sub-block lies past the chunk's end and is masked)
+            ref = tl.minimum(bos + i * S, eos) - 1
+            b_r = tl.load(G + (ref * H + i_h) * K + ck, mask=ck < K, other=0.0)
+            b_qr = b_q * tl.exp(tl.where(mk, b_G - b_r[None, :], float("-inf")))
+            for j in tl.static_range(i):
+                cols = bos + j * S + s
+                mkj = (cols[:, None] < eos) & (ck[None, :] < K)
+                b_k = tl.load(k + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0).to(tl.float32)
+                b_Gj = tl.load(G + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0)
+                b_v = tl.load(
+                    v + (cols[:, None] * H + i_h) * V + cv[None, :],
+                    mask=(cols[:, None] < eos) & (cv[None, :] < V),
+                    other=0.0,
+                ).to(tl.float32)
+                b_kr = b_k * tl.exp(tl.where(mkj, b_r[None, :] - b_Gj, float("-inf")))
+                b_A = tl.dot(b_qr, tl.trans(b_kr), input_precision=PRECISION)
+                b_o += tl.dot(b_A, b_v, input_precision=PRECISION)
+        # diagonal sub-block, one key at a time, exponents G_t - G_s <= 0 for s <= t
+        for t in range(S):
+            col = bos + i * S + t
+            ok = col < eos
+            b_ks = tl.load(k + (col * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0).to(tl.float32)
+            b_Gs = tl.load(G + (col * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0)
+            b_vs = tl.load(v + (col * H + i_h) * V + cv, mask=cv < tl.where(ok, V, 0), other=0.0).to(tl.float32)
+            keep = (s[:, None] >= t) & mk
+            b_a = tl.sum(b_q * b_ks[None, :] * tl.exp(tl.where(keep, b_G - b_Gs[None, :], float("-inf"))), 1)
+            b_o += b_a[:, None] * b_vs[None, :]
+        tl.store(
+            o + (rows[:, None] * H + i_h) * V + cv[None, :],
+            b_o.to(o.dtype.element_ty),
+            mask=(rows[:, None] < eos) & (cv[None, :] < V),
+        )
+
+
+@triton.jit
+def _gla_state_bwd(
+    q, G, do, dht, dh0, dhs, scale,
+    cu_seqlens, seq_chunk_offset,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_FINAL_STATE_GRADIENT: tl.constexpr, STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    first_chunk = tl.load(seq_chunk_offset + i_n)
+    n_chunks = tl.cdiv(eos - bos, C)
+    ck = i_k * BK + tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    state_mask = (ck[:, None] < K) & (cv[None, :] < V)
+    state_offsets = ck[:, None] * V + cv[None, :]
+
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_FINAL_STATE_GRADIENT:
+        b_dh += tl.load(dht + i_nh * K * V + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
+    for i_rev in range(n_chunks):
+        i_c = n_chunks - 1 - i_rev
+        tl.store(dhs + ((first_chunk + i_c) * H + i_h) * K * V + state_offsets, b_dh, mask=state_mask)
+        rows = bos + i_c * C + tl.arange(0, C)
+        row_ok = rows < eos
+        last = tl.minimum(bos + i_c * C + C, eos) - 1
+        mk = row_ok[:, None] & (ck[None, :] < K)
+        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32) * scale
+        b_G = tl.load(G + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        b_Glast = tl.load(G + (last * H + i_h) * K + ck, mask=ck < K, other=0.0)
+        b_do = tl.load(
+            do + (rows[:, None] * H + i_h) * V + cv[None, :], mask=row_ok[:, None] & (cv[None, :] < V), other=0.0
+        ).to(tl.float32)
+        b_dh = b_dh * tl.exp(b_Glast)[:, None] + tl.dot(
+            tl.trans(b_q * tl.exp(b_G)), b_do, input_precision=PRECISION
+        )
+    if STORE_INITIAL_STATE_GRADIENT:
+        tl.store(dh0 + i_nh * K * V + state_offsets, b_dh, mask=state_mask)
+
+
+@triton.jit
+def _gla_chunk_bwd(
+    q, k, v, G, hs, dhs, do, dq, dk, dv, scale,
+    chunk_start, chunk_end,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    bos = tl.load(chunk_start + i_c)
+    eos = tl.load(chunk_end + i_c)
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    s = tl.arange(0, S)
+    NEG_INF = float("-inf")
+    state_offsets = (i_c * H + i_h) * K * V + ck[:, None] * V + cv[None, :]
+    state_mask = (ck[:, None] < K) & (cv[None, :] < V)
+    b_h = tl.load(hs + state_offsets, mask=state_mask, other=0.0)
+    b_dh = tl.load(dhs + state_offsets, mask=state_mask, other=0.0)
+    b_Glast = tl.load(G + ((eos - 1) * H + i_h) * K + ck, mask=ck < K, other=0.0)
+
+    # dq, row sub-block by row sub-block
+    for i in tl.static_range(C // S):
+        rows = bos + i * S + s
+        mk = (rows[:, None] < eos) & (ck[None, :] < K)
+        mv = (rows[:, None] < eos) & (cv[None, :] < V)
+        b_G = tl.load(G + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(tl.float32)
+        b_dq = tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION) * tl.exp(b_G)
+        if i > 0:
+            ref = tl.minimum(bos + i * S, eos) - 1
+            b_r = tl.load(G + (ref * H + i_h) * K + ck, mask=ck < K, other=0.0)
+            b_acc = tl.zeros([S, BK], dtype=tl.float32)
+            for j in tl.static_range(i):
+                cols = bos + j * S + s
+                mkj = (cols[:, None] < eos) & (ck[None, :] < K)
+                b_k = tl.load(k + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0).to(tl.float32)
+                b_Gj = tl.load(G + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0)
+                b_v = tl.load(
+                    v + (cols[:, None] * H + i_h) * V + cv[None, :],
+                    mask=(cols[:, None] < eos) & (cv[None, :] < V),
+                    other=0.0,
+                ).to(tl.float32)
+                b_dA = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+                b_kr = b_k * tl.exp(tl.where(mkj, b_r[None, :] - b_Gj, NEG_INF))
+                b_acc += tl.dot(b_dA, b_kr, input_precision=PRECISION)
+            b_dq += b_acc * tl.exp(tl.where(mk, b_G - b_r[None, :], NEG_INF))
+        for t in range(S):
+            col = bos + i * S + t
+            ok = col < eos
+            b_ks = tl.load(k + (col * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0).to(tl.float32)
+            b_Gs = tl.load(G + (col * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0)
+            b_vs = tl.load(v + (col * H + i_h) * V + cv, mask=cv < tl.where(ok, V, 0), other=0.0).to(tl.float32)
+            keep = (s[:, None] >= t) & mk
+            b_dA = tl.sum(b_do * b_vs[None, :], 1)
+            b_dq += b_dA[:, None] * b_ks[None, :] * tl.exp(tl.where(keep, b_G - b_Gs[None, :], NEG_INF))
+        tl.store(dq + (rows[:, None] * H + i_h) * K + ck[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=mk)
+
+    # dk and dv, column sub-block by column sub-block
+    for j in tl.static_range(C // S):
+        cols = bos + j * S + s
+        mkj = (cols[:, None] < eos) & (ck[None, :] < K)
+        mvj = (cols[:, None] < eos) & (cv[None, :] < V)
+        b_k = tl.load(k + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0).to(tl.float32)
+        b_v = tl.load(v + (cols[:, None] * H + i_h) * V + cv[None, :], mask=mvj, other=0.0).to(tl.float32)
+        b_Gj = tl.load(G + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0)
+        # through the leaving state: S' = e^{G_last} S + sum_s (k_s e^{G_last - G_s}) v_s^T
+        b_decay = tl.exp(tl.where(mkj, b_Glast[None, :] - b_Gj, NEG_INF))
+        b_dk = tl.dot(b_v, tl.trans(b_dh), input_precision=PRECISION) * b_decay
+        b_dv = tl.dot(b_k * b_decay, b_dh, input_precision=PRECISION)
+        # reference for later rows: the cumulative gate at the end of this sub-block (clamped to the chunk)
+        b_r = tl.load(G + ((tl.minimum(bos + j * S + S, eos) - 1) * H + i_h) * K + ck, mask=ck < K, other=0.0)
+        b_dk_acc = tl.zeros([S, BK], dtype=tl.float32)
+        for i in tl.static_range(j + 1, C // S):
+            rows = bos + i * S + s
+            mk = (rows[:, None] < eos) & (ck[None, :] < K)
+            b_q = tl.load(q + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32) * scale
+            b_G = tl.load(G + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+            b_do = tl.load(
+                do + (rows[:, None] * H + i_h) * V + cv[None, :],
+                mask=(rows[:, None] < eos) & (cv[None, :] < V),
+                other=0.0,
+            ).to(tl.float32)
+            b_qr = b_q * tl.exp(tl.where(mk, b_G - b_r[None, :], NEG_INF))
+            b_kr = b_k * tl.exp(tl.where(mkj, b_r[None, :] - b_Gj, NEG_INF))
+            b_A = tl.dot(b_qr, tl.trans(b_kr), input_precision=PRECISION)  # [rows i, cols j]
+            b_dv += tl.dot(tl.trans(b_A), b_do, input_precision=PRECISION)
+            b_dA = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+            b_dk_acc += tl.dot(tl.trans(b_dA), b_qr, input_precision=PRECISION)
+        b_dk += b_dk_acc * tl.exp(tl.where(mkj, b_r[None, :] - b_Gj, NEG_INF))
+        # diagonal sub-block: query t of this sub-block against keys s <= t
+        for t in range(S):
+            row = bos + j * S + t
+            ok = row < eos
+            b_qt = tl.load(q + (row * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0).to(tl.float32) * scale
+            b_Gt = tl.load(G + (row * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0)
+            b_dot = tl.load(do + (row * H + i_h) * V + cv, mask=cv < tl.where(ok, V, 0), other=0.0).to(tl.float32)
+            keep = (s[:, None] <= tl.where(ok, t, -1)) & mkj
+            b_e = tl.exp(tl.where(keep, b_Gt[None, :] - b_Gj, NEG_INF))  # [S keys, BK]
+            b_a = tl.sum(b_qt[None, :] * b_k * b_e, 1)
+            b_dv += b_a[:, None] * b_dot[None, :]
+            b_dA = tl.sum(b_dot[None, :] * b_v, 1)
+            b_dk += b_dA[:, None] * b_qt[None, :] * b_e
+        tl.store(dk + (cols[:, None] * H + i_h) * K + ck[None, :], b_dk.to(dk.dtype.element_ty), mask=mkj)
+        tl.store(dv + (cols[:, None] * H + i_h) * V + cv[None, :], b_dv.to(dv.dtype.element_ty), mask=mvj)
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    """Packed inputs [T, H, D]; returns o [T, H, V], final state, and what the backward needs."""
+    T, H, K = k.shape
+    V = v.shape[-1]
+    C, S = GLA_TRITON_CHUNK, GLA_TRITON_SUB
+    BK, BV = _block(K), _block(V)
+    BKs, BVs = min(64, BK), min(64, BV)
+    N = cu_seqlens.numel() - 1
+    table = chunk_table(cu_seqlens, C)
+    NC = table.num_chunks
+    precision = _precision(k.dtype)
+    f32 = dict(device=k.device, dtype=torch.float32)
+    G = torch.empty(T, H, K, **f32)
+    if NC:
+        _gla_cumsum[(NC, H)](g, G, table.chunk_start, table.chunk_end, H=H, K=K, C=C, BK=BK)
+    hs = torch.empty(NC, H, K, V, **f32)
+    ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
+    _gla_state[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), N * H)](
+        k, v, G, initial_state, hs, ht, cu_seqlens, table.seq_chunk_offset,
+        H=H, K=K, V=V, C=C, BK=BKs, BV=BVs,
+        USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
+        PRECISION=precision,
+    )  # fmt: skip
+    o = torch.empty(T, H, V, device=v.device, dtype=v.dtype)
+    if NC:
+        _gla_output[(triton.cdiv(V, BVs), NC, H)](
+            q, k, v, G, hs, o, scale, table.chunk_start, table.chunk_end,
+            H=H, K=K, V=V, C=C, S=S, BK=BK, BV=BVs, PRECISION=precision,
+        )  # fmt: skip
+    return o, ht, (G, hs, table)
+
+
+def gla_bwd(q, k, v, g, scale, initial_state, cu_seqlens, saved, do, dht, ht):
+    T, H, K = k.shape
+    V = v.shape[-1]
+    C, S = GLA_TRITON_CHUNK, GLA_TRITON_SUB
+    BK, BV = _block(K), _block(V)
+    BKs, BVs = min(64, BK), min(64, BV)
+    N = cu_seqlens.numel() - 1
+    G, hs, table = saved
+    NC = table.num_chunks
+    precision = _precision(k.dtype)
+    f32 = dict(device=k.device, dtype=torch.float32)
+    dhs = torch.empty(NC, H, K, V, **f32)
+    dh0 = torch.empty(N, H, K, V, **f32) if initial_state is not None else None
+    _gla_state_bwd[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), N * H)](
+        q, G, do, dht, dh0, dhs, scale, cu_seqlens, table.seq_chunk_offset,
+        H=H, K=K, V=V, C=C, BK=BKs, BV=BVs,
+        USE_FINAL_STATE_GRADIENT=dht is not None, STORE_INITIAL_STATE_GRADIENT=initial_state is not None,
+        PRECISION=precision,
+    )  # fmt: skip
+    dq32 = torch.empty(T, H, K, **f32)
+    dk32 = torch.empty(T, H, K, **f32)
+    dv = torch.empty_like(v)
+    if NC:
+        _gla_chunk_bwd[(NC, H)](
+            q, k, v, G, hs, dhs, do, dq32, dk32, dv, scale, table.chunk_start, table.chunk_end,
+            H=H, K=K, V=V, C=C, S=S, BK=BK, BV=BV, PRECISION=precision,
+        )  # fmt: skip
+    dg = gate_gradient(q, k, dq32, dk32, cu_seqlens, dht, ht)
+    return dq32.to(q.dtype), dk32.to(k.dtype), dv, dg.to(g.dtype), dh0
+
+
+def gate_gradient(q, k, dq, dk, cu_seqlens, dht, ht):
+    """dg from dq and dk: the reverse cumulative sum, per document, of q dq - k dk (+ dht ht at the end)."""
+    d_cum = (q.float() * dq - k.float() * dk).double()  # fp64: the per-document suffix sums subtract
+    offsets = cu_seqlens.long()
+    if dht is not None and ht is not None:
+        lengths = offsets[1:] - offsets[:-1]
+        nonempty = lengths > 0
+        last = (offsets[1:] - 1)[nonempty]
+        d_cum.index_add_(0, last, (dht.double() * ht.double()).sum(-1)[nonempty])
+    suffix = d_cum.flip(0).cumsum(0).flip(0)  # suffix[t] = sum over tokens >= t
+    suffix = torch.cat((suffix, suffix.new_zeros(1, *suffix.shape[1:])))
+    T = q.shape[0]
+    doc_end = torch.repeat_interleave(offsets[1:], offsets[1:] - offsets[:-1], output_size=T)
+    return suffix[:T] - suffix[doc_end]
+
+
+class GlaTritonFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+        o, ht, (G, hs, table) = gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+        ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, G, hs, ht)
+        ctx.table = table
+        ctx.scale = scale
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, initial_state, cu_seqlens, G, hs, ht = ctx.saved_tensors
+        dq, dk, dv, dg, dh0 = gla_bwd(
+            q, k, v, g, ctx.scale, initial_state, cu_seqlens, (G, hs, ctx.table),
+            do.contiguous(), None if dht is None else dht.contiguous(), ht,
+        )  # fmt: skip
+        return dq, dk, dv, dg, None, dh0, None, None
