@@ -100,8 +100,12 @@ def _efla_prepare(
     b_u = tl.dot(b_T, b_v * b_a[:, None], input_precision=PRECISION)
     tl.store(a_out + rows * H + i_h, b_a, mask=row_ok)
     tl.store(tm_out + (rows[:, None] * H + i_h) * C + r[None, :], b_T, mask=row_ok[:, None])
-    tl.store(w_out + (rows[:, None] * H + i_h) * K + ck[None, :], b_w, mask=row_ok[:, None] & (ck[None, :] < K))
-    tl.store(u_out + (rows[:, None] * H + i_h) * V + cv[None, :], b_u, mask=row_ok[:, None] & (cv[None, :] < V))
+    tl.store(
+        w_out + (rows[:, None] * H + i_h) * K + ck[None, :], b_w, mask=row_ok[:, None] & (ck[None, :] < K)
+    )
+    tl.store(
+        u_out + (rows[:, None] * H + i_h) * V + cv[None, :], b_u, mask=row_ok[:, None] & (cv[None, :] < V)
+    )
 
 
 @triton.jit
@@ -204,13 +208,18 @@ def _efla_state_bwd(
         row_ok = rows < eos
         mk = row_ok[:, None] & (ck[None, :] < K)
         mv = row_ok[:, None] & (cv[None, :] < V)
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32) * scale
+        b_q = (
+            tl.load(q + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
+            * scale
+        )
         b_k = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
         b_w = tl.load(w + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
         b_do = tl.load(do + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(tl.float32)
         b_qk = tl.where(r[:, None] >= r[None, :], tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION), 0.0)
         # u feeds the outputs (through tril(Q K^T)) and the next state (through K^T u)
-        b_du = tl.dot(tl.trans(b_qk), b_do, input_precision=PRECISION) + tl.dot(b_k, b_dh, input_precision=PRECISION)
+        b_du = tl.dot(tl.trans(b_qk), b_do, input_precision=PRECISION) + tl.dot(
+            b_k, b_dh, input_precision=PRECISION
+        )
         tl.store(dv_new + (rows[:, None] * H + i_h) * V + cv[None, :], b_du, mask=mv)
         # the entering state feeds the outputs, the next state directly, and u = U - W S
         b_dh += tl.dot(tl.trans(b_q), b_do, input_precision=PRECISION)
@@ -256,7 +265,9 @@ def _efla_chunk_bwd(
 
     # o = Qs S + tril(Qs K^T) u  and  S_next = S + K^T u
     b_dqk = tl.where(causal, tl.dot(b_do, tl.trans(b_u), input_precision=PRECISION), 0.0)
-    b_dq = tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION) + tl.dot(b_dqk, b_k, input_precision=PRECISION)
+    b_dq = tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION) + tl.dot(
+        b_dqk, b_k, input_precision=PRECISION
+    )
     b_dk = tl.dot(tl.trans(b_dqk), b_q, input_precision=PRECISION)
     b_dk += tl.dot(b_u, tl.trans(b_dh), input_precision=PRECISION)
     # u = U - W S,  W = Tm (a K),  U = Tm (a V)
@@ -275,14 +286,18 @@ def _efla_chunk_bwd(
     b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
     b_da = tl.sum(b_dA * b_kk, 1) + tl.sum(b_dka * b_k, 1) + tl.sum(b_dva * b_v, 1)
     b_dAa = b_dA * b_a[:, None]
-    b_dk += tl.dot(b_dAa, b_k, input_precision=PRECISION) + tl.dot(tl.trans(b_dAa), b_k, input_precision=PRECISION)
+    b_dk += tl.dot(b_dAa, b_k, input_precision=PRECISION) + tl.dot(
+        tl.trans(b_dAa), b_k, input_precision=PRECISION
+    )
     b_dk += b_dka * b_a[:, None]
     b_dv = b_dva * b_a[:, None]
     # a = a(beta, |k|^2)
     d_beta, d_n2 = _step_size_grads(b_beta, tl.sum(b_k * b_k, 1), THRESHOLD)
     b_dk += 2.0 * b_k * (b_da * d_n2)[:, None]
 
-    tl.store(dq + (rows[:, None] * H + i_h) * K + ck[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=mk)
+    tl.store(
+        dq + (rows[:, None] * H + i_h) * K + ck[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=mk
+    )
     tl.store(dk + (rows[:, None] * H + i_h) * K + ck[None, :], b_dk.to(dk.dtype.element_ty), mask=mk)
     tl.store(dv + (rows[:, None] * H + i_h) * V + cv[None, :], b_dv.to(dv.dtype.element_ty), mask=mv)
     tl.store(dbeta + rows * H + i_h, (b_da * d_beta).to(dbeta.dtype.element_ty), mask=row_ok)

@@ -79,7 +79,9 @@ def _gla_state(
         mk = row_ok[:, None] & (ck[None, :] < K)
         b_k = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
         b_v = tl.load(
-            v + (rows[:, None] * H + i_h) * V + cv[None, :], mask=row_ok[:, None] & (cv[None, :] < V), other=0.0
+            v + (rows[:, None] * H + i_h) * V + cv[None, :],
+            mask=row_ok[:, None] & (cv[None, :] < V),
+            other=0.0,
         ).to(tl.float32)
         b_G = tl.load(G + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
         b_Glast = tl.load(G + (last * H + i_h) * K + ck, mask=ck < K, other=0.0)
@@ -110,7 +112,10 @@ def _gla_output(
     for i in tl.static_range(C // S):
         rows = bos + i * S + s
         mk = (rows[:, None] < eos) & (ck[None, :] < K)
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32) * scale
+        b_q = (
+            tl.load(q + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
+            * scale
+        )
         b_G = tl.load(G + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
         b_o = tl.dot(b_q * tl.exp(b_G), b_h, input_precision=PRECISION)
         if i > 0:
@@ -122,7 +127,9 @@ def _gla_output(
             for j in tl.static_range(i):
                 cols = bos + j * S + s
                 mkj = (cols[:, None] < eos) & (ck[None, :] < K)
-                b_k = tl.load(k + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0).to(tl.float32)
+                b_k = tl.load(k + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0).to(
+                    tl.float32
+                )
                 b_Gj = tl.load(G + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0)
                 b_v = tl.load(
                     v + (cols[:, None] * H + i_h) * V + cv[None, :],
@@ -136,9 +143,13 @@ def _gla_output(
         for t in range(S):
             col = bos + i * S + t
             ok = col < eos
-            b_ks = tl.load(k + (col * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0).to(tl.float32)
+            b_ks = tl.load(k + (col * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0).to(
+                tl.float32
+            )
             b_Gs = tl.load(G + (col * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0)
-            b_vs = tl.load(v + (col * H + i_h) * V + cv, mask=cv < tl.where(ok, V, 0), other=0.0).to(tl.float32)
+            b_vs = tl.load(v + (col * H + i_h) * V + cv, mask=cv < tl.where(ok, V, 0), other=0.0).to(
+                tl.float32
+            )
             keep = (s[:, None] >= t) & mk
             b_a = tl.sum(b_q * b_ks[None, :] * tl.exp(tl.where(keep, b_G - b_Gs[None, :], float("-inf"))), 1)
             b_o += b_a[:, None] * b_vs[None, :]
@@ -179,11 +190,16 @@ def _gla_state_bwd(
         row_ok = rows < eos
         last = tl.minimum(bos + i_c * C + C, eos) - 1
         mk = row_ok[:, None] & (ck[None, :] < K)
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32) * scale
+        b_q = (
+            tl.load(q + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
+            * scale
+        )
         b_G = tl.load(G + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
         b_Glast = tl.load(G + (last * H + i_h) * K + ck, mask=ck < K, other=0.0)
         b_do = tl.load(
-            do + (rows[:, None] * H + i_h) * V + cv[None, :], mask=row_ok[:, None] & (cv[None, :] < V), other=0.0
+            do + (rows[:, None] * H + i_h) * V + cv[None, :],
+            mask=row_ok[:, None] & (cv[None, :] < V),
+            other=0.0,
         ).to(tl.float32)
         b_dh = b_dh * tl.exp(b_Glast)[:, None] + tl.dot(
             tl.trans(b_q * tl.exp(b_G)), b_do, input_precision=PRECISION
@@ -227,7 +243,9 @@ def _gla_chunk_bwd(
             for j in tl.static_range(i):
                 cols = bos + j * S + s
                 mkj = (cols[:, None] < eos) & (ck[None, :] < K)
-                b_k = tl.load(k + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0).to(tl.float32)
+                b_k = tl.load(k + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0).to(
+                    tl.float32
+                )
                 b_Gj = tl.load(G + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0)
                 b_v = tl.load(
                     v + (cols[:, None] * H + i_h) * V + cv[None, :],
@@ -241,13 +259,19 @@ def _gla_chunk_bwd(
         for t in range(S):
             col = bos + i * S + t
             ok = col < eos
-            b_ks = tl.load(k + (col * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0).to(tl.float32)
+            b_ks = tl.load(k + (col * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0).to(
+                tl.float32
+            )
             b_Gs = tl.load(G + (col * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0)
-            b_vs = tl.load(v + (col * H + i_h) * V + cv, mask=cv < tl.where(ok, V, 0), other=0.0).to(tl.float32)
+            b_vs = tl.load(v + (col * H + i_h) * V + cv, mask=cv < tl.where(ok, V, 0), other=0.0).to(
+                tl.float32
+            )
             keep = (s[:, None] >= t) & mk
             b_dA = tl.sum(b_do * b_vs[None, :], 1)
             b_dq += b_dA[:, None] * b_ks[None, :] * tl.exp(tl.where(keep, b_G - b_Gs[None, :], NEG_INF))
-        tl.store(dq + (rows[:, None] * H + i_h) * K + ck[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=mk)
+        tl.store(
+            dq + (rows[:, None] * H + i_h) * K + ck[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=mk
+        )
 
     # dk and dv, column sub-block by column sub-block
     for j in tl.static_range(C // S):
@@ -267,7 +291,10 @@ def _gla_chunk_bwd(
         for i in tl.static_range(j + 1, C // S):
             rows = bos + i * S + s
             mk = (rows[:, None] < eos) & (ck[None, :] < K)
-            b_q = tl.load(q + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32) * scale
+            b_q = (
+                tl.load(q + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
+                * scale
+            )
             b_G = tl.load(G + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
             b_do = tl.load(
                 do + (rows[:, None] * H + i_h) * V + cv[None, :],
@@ -285,9 +312,14 @@ def _gla_chunk_bwd(
         for t in range(S):
             row = bos + j * S + t
             ok = row < eos
-            b_qt = tl.load(q + (row * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0).to(tl.float32) * scale
+            b_qt = (
+                tl.load(q + (row * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0).to(tl.float32)
+                * scale
+            )
             b_Gt = tl.load(G + (row * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0)
-            b_dot = tl.load(do + (row * H + i_h) * V + cv, mask=cv < tl.where(ok, V, 0), other=0.0).to(tl.float32)
+            b_dot = tl.load(do + (row * H + i_h) * V + cv, mask=cv < tl.where(ok, V, 0), other=0.0).to(
+                tl.float32
+            )
             keep = (s[:, None] <= tl.where(ok, t, -1)) & mkj
             b_e = tl.exp(tl.where(keep, b_Gt[None, :] - b_Gj, NEG_INF))  # [S keys, BK]
             b_a = tl.sum(b_qt[None, :] * b_k * b_e, 1)

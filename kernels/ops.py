@@ -8,7 +8,6 @@ fastest one available for the tensors' device.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import torch
 
@@ -43,12 +42,16 @@ def _resolve_backend(backend: str, op: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and _triton_function(op) is not None else "torch"
     if backend == "triton":
-        if _triton_function(op) is None:
-            raise ValueError(f"{op}: backend='triton' needs the triton package; install it or use backend='torch'")
+        # The device check comes first: Triton decides between compiling and interpreting a kernel
+        # when its module is imported, so nothing may import it before TRITON_INTERPRET is settled.
         if device.type != "cuda" and not triton_interpreted():
             raise ValueError(
                 f"{op}: backend='triton' needs CUDA tensors (got {device.type}); use backend='torch' on CPU, "
                 "or set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter"
+            )
+        if _triton_function(op) is None:
+            raise ValueError(
+                f"{op}: backend='triton' needs the triton package; install it or use backend='torch'"
             )
     return backend
 
@@ -74,7 +77,9 @@ def _run_triton(op, q, k, v, gate, scale, initial_state, output_final_state, cu_
     return o.reshape(B, T, H, V), ht
 
 
-def _dispatch(op, reference, chunked, q, k, v, gate, scale, initial_state, output_final_state, cu_seqlens, backend):
+def _dispatch(
+    op, reference, chunked, q, k, v, gate, scale, initial_state, output_final_state, cu_seqlens, backend
+):
     chosen = _resolve_backend(backend, op, q.device)
     if cu_seqlens is not None:
         cu_seqlens = check_cu_seqlens(op, cu_seqlens, q.shape[0], q.shape[1])

@@ -8,6 +8,7 @@ initial and final states are `[N, H, Dk, Dv]` for N documents.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import NamedTuple
 
 import torch
@@ -84,7 +85,7 @@ def per_document(fn, q, k, v, gate, scale, initial_state, output_final_state, cu
     """
     bounds = cu_seqlens.tolist()
     outputs, finals = [], []
-    for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for n, (start, end) in enumerate(pairwise(bounds)):
         h0 = None if initial_state is None else initial_state[n : n + 1]
         o, ht = fn(
             q[:, start:end],

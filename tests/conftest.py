@@ -1,5 +1,13 @@
-import pytest
+import os
+
 import torch
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. It is chosen when a kernel is
+# defined, so this must happen before `kernels.efla_triton` / `kernels.gla_triton` are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 import quasar
 

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from kernels import gla_attention, quasar_attention
 from kernels.efla import chunk_efla
 from kernels.gla import chunk_gla
-
-OPS = {"quasar": quasar_attention, "gla": gla_attention}
-GATE = {"quasar": "beta", "gla": "g"}
+from tests.kernels.common import (
+    GATE,
+    OPS,
+    assert_rel_close,
+    check_backends_agree,
+    forward_backward,
+    make_inputs,
+    run_op,
+)
 
 # (seed, B, T, H, Dk, Dv): T = 1, within one chunk, exactly one chunk, and several partial chunks.
 SHAPES = [
@@ -27,94 +31,6 @@ SHAPES = [
     (4, 1, 200, 2, 32, 24),
 ]
 SHAPE_IDS = [f"B{b}-T{t}-H{h}-K{k}-V{v}" for _, b, t, h, k, v in SHAPES]
-
-
-def assert_rel_close(name: str, ref: torch.Tensor, got: torch.Tensor, tol: float) -> None:
-    """Assert ||got - ref|| / ||ref|| <= tol (Frobenius norms, computed in float64), and that got is finite."""
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != reference shape {tuple(ref.shape)}"
-    ref64, got64 = ref.detach().double(), got.detach().double()
-    n_bad = (~torch.isfinite(got64)).sum().item()
-    assert n_bad == 0, f"{name}: {n_bad} non-finite values of {got64.numel()}"
-    err, ref_norm = (got64 - ref64).norm().item(), ref64.norm().item()
-    if ref_norm == 0.0:
-        assert err <= tol, f"{name}: reference is exactly zero but ||got|| = {err:.3e} > {tol:.1e}"
-        return
-    rel = err / ref_norm
-    assert rel <= tol, (
-        f"{name}: relative error {rel:.3e} > tol {tol:.1e} (||ref|| = {ref_norm:.3e}, ||got - ref|| = {err:.3e})"
-    )
-
-
-def make_inputs(
-    op: str,
-    B: int,
-    T: int,
-    H: int,
-    K: int,
-    V: int,
-    *,
-    with_state: bool,
-    normaliser: float = 1.0,
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, torch.Tensor]:
-    """Random inputs for `op`, keyed by argument name; call torch.manual_seed first."""
-    q = torch.randn(B, T, H, K, dtype=dtype)
-    k = torch.randn(B, T, H, K, dtype=dtype)
-    v = torch.randn(B, T, H, V, dtype=dtype)
-    if op == "quasar":
-        # Unnormalised keys (beta |k|^2 up to ~100, the closed-form branch of the step size) and about
-        # one token in ten with a tiny key (beta |k|^2 < 1e-3, the series branch).
-        tiny = torch.rand(B, T, H, 1) < 0.1
-        k = torch.where(tiny, k * 1e-3, k)
-        gate = 2.0 * torch.rand(B, T, H, dtype=dtype)
-    else:
-        gate = F.logsigmoid(torch.randn(B, T, H, K, dtype=dtype)) / normaliser
-    inputs = {"q": q, "k": k, "v": v, GATE[op]: gate}
-    if with_state:
-        inputs["initial_state"] = torch.randn(B, H, K, V, dtype=dtype)
-    return inputs
-
-
-def run_op(op: str, backend: str, inputs: dict[str, torch.Tensor], **kwargs):
-    return OPS[op](
-        inputs["q"],
-        inputs["k"],
-        inputs["v"],
-        inputs[GATE[op]],
-        initial_state=inputs.get("initial_state"),
-        backend=backend,
-        **kwargs,
-    )
-
-
-def forward_backward(op: str, backend: str, inputs: dict[str, torch.Tensor], do, dS):
-    """Output, final state and d/d(every input) of the loss (o * do).sum() + (S * dS).sum()."""
-    leaves = {name: x.detach().clone().requires_grad_(True) for name, x in inputs.items()}
-    o, S = run_op(op, backend, leaves, output_final_state=True)
-    loss = (o * do).sum() + (S * dS).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return o.detach(), S.detach(), dict(zip(leaves, grads))
-
-
-def check_backends_agree(
-    op: str, inputs: dict[str, torch.Tensor], tol: float, grad_tols: dict[str, float] | None = None
-) -> None:
-    """Naive vs torch on `inputs`: output, final state and every gradient within `tol`
-    (or within grad_tols[name] for the gradient with respect to input `name`)."""
-    B, T, H, K = inputs["q"].shape
-    V = inputs["v"].shape[-1]
-    dtype = inputs["q"].dtype
-    do = torch.randn(B, T, H, V, dtype=dtype)
-    dS = torch.randn(B, H, K, V, dtype=dtype)
-    o_ref, S_ref, g_ref = forward_backward(op, "naive", inputs, do, dS)
-    o, S, g = forward_backward(op, "torch", inputs, do, dS)
-    assert o.dtype == dtype
-    assert S.dtype == torch.promote_types(dtype, torch.float32)
-    assert_rel_close(f"{op} output", o_ref, o, tol)
-    assert_rel_close(f"{op} final state", S_ref, S, tol)
-    assert set(g) == set(inputs)
-    for name in inputs:
-        assert_rel_close(f"{op} d loss / d {name}", g_ref[name], g[name], (grad_tols or {}).get(name, tol))
 
 
 @pytest.mark.parametrize("with_state", [False, True], ids=["no-state", "state"])
@@ -282,7 +198,7 @@ BAD_INPUTS = {
     "v length": (lambda d: d.update(v=torch.randn(2, 4, 3, 6)), r"v must be \[B, T, H, Dv\]"),
     "state shape": (
         lambda d: d.update(initial_state=torch.randn(2, 3, 6, 4)),
-        r"initial_state must be \[B, H, Dk, Dv\] = \(2, 3, 4, 6\), got \(2, 3, 6, 4\)",
+        r"initial_state must be \[N, H, Dk, Dv\] with \(H, Dk, Dv\) = \(3, 4, 6\).*got \(2, 3, 6, 4\)",
     ),
 }
 
@@ -320,6 +236,74 @@ def test_unknown_backend_is_rejected(op):
 
 
 @pytest.mark.parametrize("op", ["quasar", "gla"])
-def test_triton_backend_is_not_available_yet(op):
-    with pytest.raises(ValueError, match=r"backend='triton' is not available"):
+def test_triton_backend_on_cpu_without_the_interpreter_is_rejected(op, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors.*TRITON_INTERPRET=1"):
         run_op(op, "triton", valid_inputs(op))
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+@pytest.mark.parametrize("op", ["quasar", "gla"])
+def test_packed_documents_equal_a_batch_of_the_same_documents(op, backend):
+    # Two documents of 70 tokens packed along T with cu_seqlens behave exactly like a batch of two.
+    torch.manual_seed(8)
+    inputs = make_inputs(op, 2, 70, 2, 8, 8, with_state=True)
+    o_batch, S_batch = run_op(op, backend, inputs, output_final_state=True)
+    packed = {n: (x if n == "initial_state" else x.reshape(1, 140, *x.shape[2:])) for n, x in inputs.items()}
+    cu = torch.tensor([0, 70, 140])
+    o_packed, S_packed = run_op(op, backend, packed, output_final_state=True, cu_seqlens=cu)
+    torch.testing.assert_close(o_packed, o_batch.reshape(1, 140, *o_batch.shape[2:]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(S_packed, S_batch, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["quasar", "gla"])
+def test_packed_torch_matches_packed_naive_with_gradients(op):
+    torch.manual_seed(9)
+    lengths = [3, 64, 0, 90]
+    inputs = make_inputs(op, 1, sum(lengths), 2, 8, 8, with_state=False)
+    inputs["initial_state"] = torch.randn(len(lengths), 2, 8, 8)
+    cu = torch.tensor([0, *lengths]).cumsum(0)
+    results = {}
+    for backend in ("naive", "torch"):
+        leaves = {n: x.clone().requires_grad_(True) for n, x in inputs.items()}
+        o, S = run_op(op, backend, leaves, output_final_state=True, cu_seqlens=cu)
+        torch.manual_seed(0)
+        loss = (o * torch.randn_like(o)).sum() + (S * torch.randn_like(S)).sum()
+        results[backend] = (o, S, torch.autograd.grad(loss, list(leaves.values())))
+    (o_ref, S_ref, g_ref), (o, S, g) = results["naive"], results["torch"]
+    assert S.shape == (4, 2, 8, 8)
+    assert_rel_close("packed output", o_ref, o, 1e-4)
+    assert_rel_close("packed states", S_ref, S, 1e-4)
+    for name, a, b in zip(inputs, g_ref, g):
+        assert_rel_close(f"packed d/d{name}", a, b, 1e-4)
+
+
+BAD_CU_SEQLENS = {
+    "float": (torch.tensor([0.0, 5.0]), r"1-D integer tensor"),
+    "2-D": (torch.tensor([[0, 5]]), r"1-D integer tensor"),
+    "does not start at 0": (torch.tensor([1, 5]), r"start at 0 and end at T=5"),
+    "does not end at T": (torch.tensor([0, 4]), r"start at 0 and end at T=5"),
+    "decreasing": (torch.tensor([0, 4, 3, 5]), r"non-decreasing"),
+    "single offset": (torch.tensor([0]), r"at least two offsets"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CU_SEQLENS))
+@pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
+@pytest.mark.parametrize("op", ["quasar", "gla"])
+def test_bad_cu_seqlens_are_rejected(op, backend, case):
+    cu, message = BAD_CU_SEQLENS[case]
+    inputs = {n: (x[:1] if n != "initial_state" else x) for n, x in valid_inputs(op).items()}
+    with pytest.raises(ValueError, match=message):
+        run_op(op, backend, inputs, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("op", ["quasar", "gla"])
+def test_cu_seqlens_need_batch_size_one_and_one_state_per_document(op):
+    inputs = valid_inputs(op)  # B = 2
+    with pytest.raises(ValueError, match=r"batch size must be 1"):
+        run_op(op, "torch", inputs, cu_seqlens=torch.tensor([0, 5]))
+    packed = {n: x[:1] for n, x in inputs.items()}
+    packed["initial_state"] = torch.zeros(3, *valid_inputs(op)["initial_state"].shape[1:])
+    with pytest.raises(ValueError, match=r"initial_state has 3 states, but there are 2 sequences"):
+        run_op(op, "torch", packed, cu_seqlens=torch.tensor([0, 2, 5]))
