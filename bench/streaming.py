@@ -31,9 +31,12 @@ import threading
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+# Run as a script, bench/ heads sys.path and bench/kernels.py would shadow the `kernels` package.
+sys.path[:] = [str(REPO_ROOT)] + [
+    p for p in sys.path if Path(p or ".").resolve() not in (BENCH_DIR, REPO_ROOT)
+]
 
 SECTION = "streaming"
 MODELS = ("quasar", "qwen3")
