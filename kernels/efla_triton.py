@@ -73,14 +73,10 @@ def _efla_prepare(
     rows = bos + tl.arange(0, C)
     row_ok = rows < eos
     ck = tl.arange(0, BK)
-    cv = tl.arange(0, BV)
     r = tl.arange(0, C)
 
     b_k = tl.load(
         k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=row_ok[:, None] & (ck[None, :] < K), other=0.0
-    ).to(tl.float32)
-    b_v = tl.load(
-        v + (rows[:, None] * H + i_h) * V + cv[None, :], mask=row_ok[:, None] & (cv[None, :] < V), other=0.0
     ).to(tl.float32)
     b_beta = tl.load(beta + rows * H + i_h, mask=row_ok, other=0.0).to(tl.float32)
     b_a = _step_size(b_beta, tl.sum(b_k * b_k, 1), THRESHOLD)
@@ -97,15 +93,17 @@ def _efla_prepare(
         b_T = tl.where(r[:, None] == i, b_T - t_row[None, :], b_T)
 
     b_w = tl.dot(b_T, b_ka, input_precision=PRECISION)
-    b_u = tl.dot(b_T, b_v * b_a[:, None], input_precision=PRECISION)
     tl.store(a_out + rows * H + i_h, b_a, mask=row_ok)
     tl.store(tm_out + (rows[:, None] * H + i_h) * C + r[None, :], b_T, mask=row_ok[:, None])
     tl.store(
         w_out + (rows[:, None] * H + i_h) * K + ck[None, :], b_w, mask=row_ok[:, None] & (ck[None, :] < K)
     )
-    tl.store(
-        u_out + (rows[:, None] * H + i_h) * V + cv[None, :], b_u, mask=row_ok[:, None] & (cv[None, :] < V)
-    )
+    for i_v in range(tl.cdiv(V, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        mv = row_ok[:, None] & (cv[None, :] < V)
+        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(tl.float32)
+        b_u = tl.dot(b_T, b_v * b_a[:, None], input_precision=PRECISION)
+        tl.store(u_out + (rows[:, None] * H + i_h) * V + cv[None, :], b_u, mask=mv)
 
 
 @triton.jit
@@ -244,53 +242,66 @@ def _efla_chunk_bwd(
     row_ok = rows < eos
     r = tl.arange(0, C)
     ck = tl.arange(0, BK)
-    cv = tl.arange(0, BV)
     mk = row_ok[:, None] & (ck[None, :] < K)
-    mv = row_ok[:, None] & (cv[None, :] < V)
-    state_mask = (ck[:, None] < K) & (cv[None, :] < V)
-    state_offsets = (i_c * H + i_h) * K * V + ck[:, None] * V + cv[None, :]
-    causal = r[:, None] >= r[None, :]
 
     b_q = tl.load(q + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32) * scale
     b_k = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
-    b_v = tl.load(v + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(tl.float32)
     b_beta = tl.load(beta + rows * H + i_h, mask=row_ok, other=0.0).to(tl.float32)
     b_a = tl.load(a + rows * H + i_h, mask=row_ok, other=0.0)
     b_T = tl.load(tm + (rows[:, None] * H + i_h) * C + r[None, :], mask=row_ok[:, None], other=0.0)
-    b_u = tl.load(v_new + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
-    b_du = tl.load(dv_new + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
-    b_do = tl.load(do + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(tl.float32)
-    b_h = tl.load(hs + state_offsets, mask=state_mask, other=0.0)
-    b_dh = tl.load(dhs + state_offsets, mask=state_mask, other=0.0)
 
-    # o = Qs S + tril(Qs K^T) u  and  S_next = S + K^T u
-    b_dqk = tl.where(causal, tl.dot(b_do, tl.trans(b_u), input_precision=PRECISION), 0.0)
-    b_dq = tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION) + tl.dot(
-        b_dqk, b_k, input_precision=PRECISION
-    )
-    b_dk = tl.dot(tl.trans(b_dqk), b_q, input_precision=PRECISION)
-    b_dk += tl.dot(b_u, tl.trans(b_dh), input_precision=PRECISION)
-    # u = U - W S,  W = Tm (a K),  U = Tm (a V)
-    b_dw = -tl.dot(b_du, tl.trans(b_h), input_precision=PRECISION)
+    # Everything that involves V, one V block at a time: sums over V accumulate, dv is stored.
+    # o = Qs S + tril(Qs K^T) u;  S_next = S + K^T u;  u = U - W S;  U = Tm (a V)
+    b_dqk = tl.zeros([C, C], dtype=tl.float32)
+    b_dq = tl.zeros([C, BK], dtype=tl.float32)
+    b_dk = tl.zeros([C, BK], dtype=tl.float32)
+    b_dw = tl.zeros([C, BK], dtype=tl.float32)
+    b_dT = tl.zeros([C, C], dtype=tl.float32)
+    b_da = tl.zeros([C], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        mv = row_ok[:, None] & (cv[None, :] < V)
+        state_mask = (ck[:, None] < K) & (cv[None, :] < V)
+        state_offsets = (i_c * H + i_h) * K * V + ck[:, None] * V + cv[None, :]
+        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(tl.float32)
+        b_u = tl.load(v_new + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
+        b_du = tl.load(dv_new + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
+        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(tl.float32)
+        b_h = tl.load(hs + state_offsets, mask=state_mask, other=0.0)
+        b_dh = tl.load(dhs + state_offsets, mask=state_mask, other=0.0)
+        b_dqk += tl.dot(b_do, tl.trans(b_u), input_precision=PRECISION)
+        b_dq += tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION)
+        b_dk += tl.dot(b_u, tl.trans(b_dh), input_precision=PRECISION)
+        b_dw -= tl.dot(b_du, tl.trans(b_h), input_precision=PRECISION)
+        b_va = b_v * b_a[:, None]
+        b_dva = tl.dot(tl.trans(b_T), b_du, input_precision=PRECISION)
+        b_dT += tl.dot(b_du, tl.trans(b_va), input_precision=PRECISION)
+        b_da += tl.sum(b_dva * b_v, 1)
+        tl.store(
+            dv + (rows[:, None] * H + i_h) * V + cv[None, :],
+            (b_dva * b_a[:, None]).to(dv.dtype.element_ty),
+            mask=mv,
+        )
+
+    b_dqk = tl.where(r[:, None] >= r[None, :], b_dqk, 0.0)
+    b_dq += tl.dot(b_dqk, b_k, input_precision=PRECISION)
+    b_dk += tl.dot(tl.trans(b_dqk), b_q, input_precision=PRECISION)
+    # W = Tm (a K)
     b_ka = b_k * b_a[:, None]
-    b_va = b_v * b_a[:, None]
     b_dka = tl.dot(tl.trans(b_T), b_dw, input_precision=PRECISION)
-    b_dva = tl.dot(tl.trans(b_T), b_du, input_precision=PRECISION)
-    b_dT = tl.dot(b_dw, tl.trans(b_ka), input_precision=PRECISION)
-    b_dT += tl.dot(b_du, tl.trans(b_va), input_precision=PRECISION)
+    b_dT += tl.dot(b_dw, tl.trans(b_ka), input_precision=PRECISION)
     # Tm = (I + A)^-1  =>  dA = -Tm^T dTm Tm^T, kept on A's strictly lower support
     b_dA = tl.dot(tl.trans(b_T), b_dT, input_precision=PRECISION)
     b_dA = -tl.dot(b_dA, tl.trans(b_T), input_precision=PRECISION)
     b_dA = tl.where(r[:, None] > r[None, :], b_dA, 0.0)
     # A_ij = a_i k_i . k_j
     b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
-    b_da = tl.sum(b_dA * b_kk, 1) + tl.sum(b_dka * b_k, 1) + tl.sum(b_dva * b_v, 1)
+    b_da += tl.sum(b_dA * b_kk, 1) + tl.sum(b_dka * b_k, 1)
     b_dAa = b_dA * b_a[:, None]
     b_dk += tl.dot(b_dAa, b_k, input_precision=PRECISION) + tl.dot(
         tl.trans(b_dAa), b_k, input_precision=PRECISION
     )
     b_dk += b_dka * b_a[:, None]
-    b_dv = b_dva * b_a[:, None]
     # a = a(beta, |k|^2)
     d_beta, d_n2 = _step_size_grads(b_beta, tl.sum(b_k * b_k, 1), THRESHOLD)
     b_dk += 2.0 * b_k * (b_da * d_n2)[:, None]
@@ -299,7 +310,6 @@ def _efla_chunk_bwd(
         dq + (rows[:, None] * H + i_h) * K + ck[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=mk
     )
     tl.store(dk + (rows[:, None] * H + i_h) * K + ck[None, :], b_dk.to(dk.dtype.element_ty), mask=mk)
-    tl.store(dv + (rows[:, None] * H + i_h) * V + cv[None, :], b_dv.to(dv.dtype.element_ty), mask=mv)
     tl.store(dbeta + rows * H + i_h, (b_da * d_beta).to(dbeta.dtype.element_ty), mask=row_ok)
 
 
@@ -317,8 +327,8 @@ def efla_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens
     T, H, K = k.shape
     V = v.shape[-1]
     C = EFLA_TRITON_CHUNK
-    BK, BV_full = _block(K), _block(V)
-    BV = min(64, BV_full)
+    BK = _block(K)
+    BV = min(64, _block(V))
     N = cu_seqlens.numel() - 1
     table = chunk_table(cu_seqlens, C)
     f32 = dict(device=k.device, dtype=torch.float32)
@@ -331,7 +341,7 @@ def efla_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens
     if NC:
         _efla_prepare[(NC, H)](
             k, v, beta, a, tm, w, u, table.chunk_start, table.chunk_end,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV_full, THRESHOLD=_EFLA_SERIES_THRESHOLD, PRECISION=precision,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, THRESHOLD=_EFLA_SERIES_THRESHOLD, PRECISION=precision,
         )  # fmt: skip
     hs = torch.empty(NC, H, K, V, **f32)
     v_new = torch.empty(T, H, V, **f32)
@@ -355,8 +365,8 @@ def efla_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, saved, do, dht):
     T, H, K = k.shape
     V = v.shape[-1]
     C = EFLA_TRITON_CHUNK
-    BK, BV_full = _block(K), _block(V)
-    BV = min(64, BV_full)
+    BK = _block(K)
+    BV = min(64, _block(V))
     N = cu_seqlens.numel() - 1
     a, tm, w, v_new, hs, table = saved
     NC = table.num_chunks
@@ -376,7 +386,7 @@ def efla_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, saved, do, dht):
         _efla_chunk_bwd[(NC, H)](
             q, k, v, beta, a, tm, v_new, hs, dhs, do, dv_new, dq, dk, dv, dbeta, scale,
             table.chunk_start, table.chunk_end,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV_full, THRESHOLD=_EFLA_SERIES_THRESHOLD, PRECISION=precision,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, THRESHOLD=_EFLA_SERIES_THRESHOLD, PRECISION=precision,
         )  # fmt: skip
     return dq, dk, dv, dbeta, dh0
 

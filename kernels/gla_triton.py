@@ -1,24 +1,31 @@
 """Gated linear attention as chunked Triton kernels, forward and backward.
 
 Same algorithm as `kernels/gla.py`: chunks of C = 64 tokens pass the [Dk, Dv] state; inside a
-chunk, with G the within-chunk cumulative log-gate, every exponent is kept <= 0:
+chunk, with G the within-chunk cumulative log-gate, the intra-chunk scores
+A[t, s] = scale sum_d q_td k_sd e^{G_td - G_sd} (s <= t) are built in fp32 with every exponent <= 0:
 
-- rows against earlier 16-token sub-blocks: both factors re-referenced to the start of the row
+- against earlier 16-token sub-blocks: both factors re-referenced to the start of the query
   sub-block (q e^{G - r}, k e^{r - G}), then a matmul;
 - the diagonal 16 x 16 sub-blocks: element-wise in log space, one key at a time.
 
 forward
-  1. `_gla_cumsum`     per (chunk, head): G = cumsum of g within the chunk (fp32).
-  2. `_gla_state`      per (document, head, K block, V block), sequential over chunks:
-                       stores the entering state, S = e^{G_last} S + (K e^{G_last - G})^T V.
-  3. `_gla_output`     per (chunk, head, V block): o = scale [(Q e^G) S + A V], A as above.
+  1. `_gla_cumsum`        per (chunk, head): G = cumsum of g within the chunk (fp32).
+  2. `_gla_intra_scores`  per (chunk, head): A, stored as [T, H, C] fp32 (kept for the backward).
+  3. `_gla_state`         per (document, head, K block, V block), sequential over chunks: stores
+                          the entering state, S = e^{G_last} S + (K e^{G_last - G})^T V.
+  4. `_gla_output`        per (chunk, head, V block): o = scale (Q e^G) S + A V.
 backward
-  4. `_gla_state_bwd`  per (document, head, K block, V block), chunks in reverse: the gradient
-                       of each chunk's leaving state and of the initial state.
-  5. `_gla_chunk_bwd`  per (chunk, head): dq, dk, dv.
+  5. `_gla_state_bwd`     per (document, head, K block, V block), chunks in reverse: the gradient
+                          of each chunk's leaving state and of the initial state.
+  6. `_gla_dA`            per (chunk, head): dA = tril(dO V^T).
+  7. `_gla_dv`            per (chunk, head, V block): dv = A^T dO + (K e^{G_last - G}) dS_next.
+  8. `_gla_dqk`           per (chunk, head), 16-row sub-blocks: dq and dk through the states and
+                          the scores (same referencing as the forward).
   dg comes from dq and dk without another pass over the scores: writing q~ = q e^Γ and
   k~ = k e^{-Γ} (Γ the cumulative log-gate of the document), dL/dΓ_t = q_t dq_t - k_t dk_t,
   plus dht * ht at the document's last token; dg is its reverse cumulative sum per document.
+
+Tiles are at most [64, 64] except the full-Dk rows of q, k and G (Dk <= 256).
 """
 
 from __future__ import annotations
@@ -92,23 +99,19 @@ def _gla_state(
 
 
 @triton.jit
-def _gla_output(
-    q, k, v, G, hs, o, scale,
+def _gla_intra_scores(
+    q, k, G, A, scale,
     chunk_start, chunk_end,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr,
+    C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """A[t, s] = scale sum_d q_td k_sd e^{G_td - G_sd} for s <= t in the chunk (0 above the diagonal)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos = tl.load(chunk_start + i_c)
     eos = tl.load(chunk_end + i_c)
     ck = tl.arange(0, BK)
-    cv = i_v * BV + tl.arange(0, BV)
     s = tl.arange(0, S)
-    b_h = tl.load(
-        hs + (i_c * H + i_h) * K * V + ck[:, None] * V + cv[None, :],
-        mask=(ck[:, None] < K) & (cv[None, :] < V),
-        other=0.0,
-    )
+    NEG_INF = float("-inf")
     for i in tl.static_range(C // S):
         rows = bos + i * S + s
         mk = (rows[:, None] < eos) & (ck[None, :] < K)
@@ -117,47 +120,67 @@ def _gla_output(
             * scale
         )
         b_G = tl.load(G + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
-        b_o = tl.dot(b_q * tl.exp(b_G), b_h, input_precision=PRECISION)
-        if i > 0:
-            # reference: the cumulative gate at the end of the previous sub-block (clamped to the chunk;
-            # when clamped, this whole sub-block lies past the chunk's end and is masked)
-            ref = tl.minimum(bos + i * S, eos) - 1
-            b_r = tl.load(G + (ref * H + i_h) * K + ck, mask=ck < K, other=0.0)
-            b_qr = b_q * tl.exp(tl.where(mk, b_G - b_r[None, :], float("-inf")))
-            for j in tl.static_range(i):
-                cols = bos + j * S + s
+        # earlier sub-blocks: both factors re-referenced to the end of sub-block i - 1 (clamped to the
+        # chunk; when clamped, this whole sub-block lies past the chunk's end and is masked)
+        ref = tl.maximum(tl.minimum(bos + i * S, eos) - 1, bos)
+        b_r = tl.load(G + (ref * H + i_h) * K + ck, mask=ck < K, other=0.0)
+        b_qr = b_q * tl.exp(tl.where(mk, b_G - b_r[None, :], NEG_INF))
+        for j in tl.static_range(C // S):
+            cols = bos + j * S + s
+            b_A = tl.zeros([S, S], dtype=tl.float32)
+            if j < i:
                 mkj = (cols[:, None] < eos) & (ck[None, :] < K)
                 b_k = tl.load(k + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0).to(
                     tl.float32
                 )
                 b_Gj = tl.load(G + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0)
-                b_v = tl.load(
-                    v + (cols[:, None] * H + i_h) * V + cv[None, :],
-                    mask=(cols[:, None] < eos) & (cv[None, :] < V),
-                    other=0.0,
-                ).to(tl.float32)
-                b_kr = b_k * tl.exp(tl.where(mkj, b_r[None, :] - b_Gj, float("-inf")))
+                b_kr = b_k * tl.exp(tl.where(mkj, b_r[None, :] - b_Gj, NEG_INF))
                 b_A = tl.dot(b_qr, tl.trans(b_kr), input_precision=PRECISION)
-                b_o += tl.dot(b_A, b_v, input_precision=PRECISION)
-        # diagonal sub-block, one key at a time, exponents G_t - G_s <= 0 for s <= t
-        for t in range(S):
-            col = bos + i * S + t
-            ok = col < eos
-            b_ks = tl.load(k + (col * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0).to(
-                tl.float32
-            )
-            b_Gs = tl.load(G + (col * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0)
-            b_vs = tl.load(v + (col * H + i_h) * V + cv, mask=cv < tl.where(ok, V, 0), other=0.0).to(
-                tl.float32
-            )
-            keep = (s[:, None] >= t) & mk
-            b_a = tl.sum(b_q * b_ks[None, :] * tl.exp(tl.where(keep, b_G - b_Gs[None, :], float("-inf"))), 1)
-            b_o += b_a[:, None] * b_vs[None, :]
-        tl.store(
-            o + (rows[:, None] * H + i_h) * V + cv[None, :],
-            b_o.to(o.dtype.element_ty),
-            mask=(rows[:, None] < eos) & (cv[None, :] < V),
-        )
+            elif j == i:
+                # the diagonal sub-block, one key at a time: exponents G_t - G_s <= 0 for s <= t
+                for t in range(S):
+                    col = bos + i * S + t
+                    ok = col < eos
+                    b_ks = tl.load(k + (col * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0)
+                    b_Gs = tl.load(G + (col * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0)
+                    keep = (s[:, None] >= t) & mk
+                    b_e = tl.exp(tl.where(keep, b_G - b_Gs[None, :], NEG_INF))
+                    b_col = tl.sum(b_q * b_ks.to(tl.float32)[None, :] * b_e, 1)
+                    b_A = tl.where(s[None, :] == t, b_col[:, None], b_A)
+            tl.store(A + (rows[:, None] * H + i_h) * C + j * S + s[None, :], b_A, mask=rows[:, None] < eos)
+
+
+@triton.jit
+def _gla_output(
+    q, v, G, A, hs, o, scale,
+    chunk_start, chunk_end,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """o = scale (Q e^G) S + A V, one V block per program."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(chunk_start + i_c)
+    eos = tl.load(chunk_end + i_c)
+    rows = bos + tl.arange(0, C)
+    row_ok = rows < eos
+    r = tl.arange(0, C)
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    mk = row_ok[:, None] & (ck[None, :] < K)
+    mv = row_ok[:, None] & (cv[None, :] < V)
+    b_q = tl.load(q + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32) * scale
+    b_G = tl.load(G + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+    b_v = tl.load(v + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(tl.float32)
+    b_A = tl.load(A + (rows[:, None] * H + i_h) * C + r[None, :], mask=row_ok[:, None], other=0.0)
+    b_h = tl.load(
+        hs + (i_c * H + i_h) * K * V + ck[:, None] * V + cv[None, :],
+        mask=(ck[:, None] < K) & (cv[None, :] < V),
+        other=0.0,
+    )
+    b_o = tl.dot(b_q * tl.exp(b_G), b_h, input_precision=PRECISION) + tl.dot(
+        b_A, b_v, input_precision=PRECISION
+    )
+    tl.store(o + (rows[:, None] * H + i_h) * V + cv[None, :], b_o.to(o.dtype.element_ty), mask=mv)
 
 
 @triton.jit
@@ -209,125 +232,157 @@ def _gla_state_bwd(
 
 
 @triton.jit
-def _gla_chunk_bwd(
-    q, k, v, G, hs, dhs, do, dq, dk, dv, scale,
+def _gla_dA(
+    v, do, dA,
+    chunk_start, chunk_end,
+    H: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dA[t, s] = do_t . v_s for s <= t in the chunk (the gradient of the scores A)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    bos = tl.load(chunk_start + i_c)
+    eos = tl.load(chunk_end + i_c)
+    rows = bos + tl.arange(0, C)
+    row_ok = rows < eos
+    r = tl.arange(0, C)
+    b_dA = tl.zeros([C, C], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        mv = row_ok[:, None] & (cv[None, :] < V)
+        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(tl.float32)
+        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(tl.float32)
+        b_dA += tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+    b_dA = tl.where(r[:, None] >= r[None, :], b_dA, 0.0)
+    tl.store(dA + (rows[:, None] * H + i_h) * C + r[None, :], b_dA, mask=row_ok[:, None])
+
+
+@triton.jit
+def _gla_dv(
+    k, G, A, do, dhs, dv,
+    chunk_start, chunk_end,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dv = A^T do + (K e^{G_last - G}) dS_next, one V block per program."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(chunk_start + i_c)
+    eos = tl.load(chunk_end + i_c)
+    rows = bos + tl.arange(0, C)
+    row_ok = rows < eos
+    r = tl.arange(0, C)
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    mk = row_ok[:, None] & (ck[None, :] < K)
+    mv = row_ok[:, None] & (cv[None, :] < V)
+    b_k = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
+    b_G = tl.load(G + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+    b_Glast = tl.load(G + ((eos - 1) * H + i_h) * K + ck, mask=ck < K, other=0.0)
+    b_A = tl.load(A + (rows[:, None] * H + i_h) * C + r[None, :], mask=row_ok[:, None], other=0.0)
+    b_do = tl.load(do + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(tl.float32)
+    b_dh = tl.load(
+        dhs + (i_c * H + i_h) * K * V + ck[:, None] * V + cv[None, :],
+        mask=(ck[:, None] < K) & (cv[None, :] < V),
+        other=0.0,
+    )
+    b_kd = b_k * tl.exp(tl.where(mk, b_Glast[None, :] - b_G, float("-inf")))
+    b_dv = tl.dot(tl.trans(b_A), b_do, input_precision=PRECISION) + tl.dot(
+        b_kd, b_dh, input_precision=PRECISION
+    )
+    tl.store(dv + (rows[:, None] * H + i_h) * V + cv[None, :], b_dv.to(dv.dtype.element_ty), mask=mv)
+
+
+@triton.jit
+def _gla_dqk(
+    q, k, v, G, dA, hs, dhs, do, dq, dk, scale,
     chunk_start, chunk_end,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """dq and dk (fp32), sub-block by sub-block: through the states, then through the scores."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos = tl.load(chunk_start + i_c)
     eos = tl.load(chunk_end + i_c)
     ck = tl.arange(0, BK)
-    cv = tl.arange(0, BV)
     s = tl.arange(0, S)
     NEG_INF = float("-inf")
-    state_offsets = (i_c * H + i_h) * K * V + ck[:, None] * V + cv[None, :]
-    state_mask = (ck[:, None] < K) & (cv[None, :] < V)
-    b_h = tl.load(hs + state_offsets, mask=state_mask, other=0.0)
-    b_dh = tl.load(dhs + state_offsets, mask=state_mask, other=0.0)
     b_Glast = tl.load(G + ((eos - 1) * H + i_h) * K + ck, mask=ck < K, other=0.0)
-
-    # dq, row sub-block by row sub-block
     for i in tl.static_range(C // S):
         rows = bos + i * S + s
-        mk = (rows[:, None] < eos) & (ck[None, :] < K)
-        mv = (rows[:, None] < eos) & (cv[None, :] < V)
+        row_ok = rows < eos
+        mk = row_ok[:, None] & (ck[None, :] < K)
         b_G = tl.load(G + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
-        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(tl.float32)
-        b_dq = tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION) * tl.exp(b_G)
-        if i > 0:
-            ref = tl.minimum(bos + i * S, eos) - 1
-            b_r = tl.load(G + (ref * H + i_h) * K + ck, mask=ck < K, other=0.0)
-            b_acc = tl.zeros([S, BK], dtype=tl.float32)
-            for j in tl.static_range(i):
-                cols = bos + j * S + s
-                mkj = (cols[:, None] < eos) & (ck[None, :] < K)
-                b_k = tl.load(k + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0).to(
-                    tl.float32
-                )
-                b_Gj = tl.load(G + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0)
-                b_v = tl.load(
-                    v + (cols[:, None] * H + i_h) * V + cv[None, :],
-                    mask=(cols[:, None] < eos) & (cv[None, :] < V),
-                    other=0.0,
-                ).to(tl.float32)
-                b_dA = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
-                b_kr = b_k * tl.exp(tl.where(mkj, b_r[None, :] - b_Gj, NEG_INF))
-                b_acc += tl.dot(b_dA, b_kr, input_precision=PRECISION)
-            b_dq += b_acc * tl.exp(tl.where(mk, b_G - b_r[None, :], NEG_INF))
-        for t in range(S):
-            col = bos + i * S + t
-            ok = col < eos
-            b_ks = tl.load(k + (col * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0).to(
+        # through the states: o = (Qs e^G) S + ...,  S_next = e^{G_last} S + (K e^{G_last - G})^T V
+        b_dq = tl.zeros([S, BK], dtype=tl.float32)
+        b_dk = tl.zeros([S, BK], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            cv = i_v * BV + tl.arange(0, BV)
+            mv = row_ok[:, None] & (cv[None, :] < V)
+            state_offsets = (i_c * H + i_h) * K * V + ck[:, None] * V + cv[None, :]
+            state_mask = (ck[:, None] < K) & (cv[None, :] < V)
+            b_do = tl.load(do + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(
                 tl.float32
             )
-            b_Gs = tl.load(G + (col * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0)
-            b_vs = tl.load(v + (col * H + i_h) * V + cv, mask=cv < tl.where(ok, V, 0), other=0.0).to(
-                tl.float32
-            )
-            keep = (s[:, None] >= t) & mk
-            b_dA = tl.sum(b_do * b_vs[None, :], 1)
-            b_dq += b_dA[:, None] * b_ks[None, :] * tl.exp(tl.where(keep, b_G - b_Gs[None, :], NEG_INF))
-        tl.store(
-            dq + (rows[:, None] * H + i_h) * K + ck[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=mk
-        )
+            b_v = tl.load(v + (rows[:, None] * H + i_h) * V + cv[None, :], mask=mv, other=0.0).to(tl.float32)
+            b_h = tl.load(hs + state_offsets, mask=state_mask, other=0.0)
+            b_dh = tl.load(dhs + state_offsets, mask=state_mask, other=0.0)
+            b_dq += tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION)
+            b_dk += tl.dot(b_v, tl.trans(b_dh), input_precision=PRECISION)
+        b_dq = b_dq * scale * tl.exp(b_G)
+        b_dk = b_dk * tl.exp(tl.where(mk, b_Glast[None, :] - b_G, NEG_INF))
 
-    # dk and dv, column sub-block by column sub-block
-    for j in tl.static_range(C // S):
-        cols = bos + j * S + s
-        mkj = (cols[:, None] < eos) & (ck[None, :] < K)
-        mvj = (cols[:, None] < eos) & (cv[None, :] < V)
-        b_k = tl.load(k + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0).to(tl.float32)
-        b_v = tl.load(v + (cols[:, None] * H + i_h) * V + cv[None, :], mask=mvj, other=0.0).to(tl.float32)
-        b_Gj = tl.load(G + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0)
-        # through the leaving state: S' = e^{G_last} S + sum_s (k_s e^{G_last - G_s}) v_s^T
-        b_decay = tl.exp(tl.where(mkj, b_Glast[None, :] - b_Gj, NEG_INF))
-        b_dk = tl.dot(b_v, tl.trans(b_dh), input_precision=PRECISION) * b_decay
-        b_dv = tl.dot(b_k * b_decay, b_dh, input_precision=PRECISION)
-        # reference for later rows: the cumulative gate at the end of this sub-block (clamped to the chunk)
-        b_r = tl.load(G + ((tl.minimum(bos + j * S + S, eos) - 1) * H + i_h) * K + ck, mask=ck < K, other=0.0)
-        b_dk_acc = tl.zeros([S, BK], dtype=tl.float32)
-        for i in tl.static_range(j + 1, C // S):
-            rows = bos + i * S + s
-            mk = (rows[:, None] < eos) & (ck[None, :] < K)
-            b_q = (
-                tl.load(q + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
-                * scale
-            )
-            b_G = tl.load(G + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
-            b_do = tl.load(
-                do + (rows[:, None] * H + i_h) * V + cv[None, :],
-                mask=(rows[:, None] < eos) & (cv[None, :] < V),
-                other=0.0,
-            ).to(tl.float32)
-            b_qr = b_q * tl.exp(tl.where(mk, b_G - b_r[None, :], NEG_INF))
-            b_kr = b_k * tl.exp(tl.where(mkj, b_r[None, :] - b_Gj, NEG_INF))
-            b_A = tl.dot(b_qr, tl.trans(b_kr), input_precision=PRECISION)  # [rows i, cols j]
-            b_dv += tl.dot(tl.trans(b_A), b_do, input_precision=PRECISION)
-            b_dA = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
-            b_dk_acc += tl.dot(tl.trans(b_dA), b_qr, input_precision=PRECISION)
-        b_dk += b_dk_acc * tl.exp(tl.where(mkj, b_r[None, :] - b_Gj, NEG_INF))
-        # diagonal sub-block: query t of this sub-block against keys s <= t
-        for t in range(S):
-            row = bos + j * S + t
-            ok = row < eos
-            b_qt = (
-                tl.load(q + (row * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0).to(tl.float32)
-                * scale
-            )
-            b_Gt = tl.load(G + (row * H + i_h) * K + ck, mask=ck < tl.where(ok, K, 0), other=0.0)
-            b_dot = tl.load(do + (row * H + i_h) * V + cv, mask=cv < tl.where(ok, V, 0), other=0.0).to(
+        # through the scores A[t, s] = sum_d qs_td k_sd e^{G_td - G_sd}
+        # dq: keys of earlier sub-blocks, referenced to the end of sub-block i - 1
+        ref = tl.maximum(tl.minimum(bos + i * S, eos) - 1, bos)
+        b_r = tl.load(G + (ref * H + i_h) * K + ck, mask=ck < K, other=0.0)
+        b_acc = tl.zeros([S, BK], dtype=tl.float32)
+        for j in tl.static_range(i):
+            cols = bos + j * S + s
+            mkj = (cols[:, None] < eos) & (ck[None, :] < K)
+            b_kj = tl.load(k + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0).to(
                 tl.float32
             )
-            keep = (s[:, None] <= tl.where(ok, t, -1)) & mkj
-            b_e = tl.exp(tl.where(keep, b_Gt[None, :] - b_Gj, NEG_INF))  # [S keys, BK]
-            b_a = tl.sum(b_qt[None, :] * b_k * b_e, 1)
-            b_dv += b_a[:, None] * b_dot[None, :]
-            b_dA = tl.sum(b_dot[None, :] * b_v, 1)
-            b_dk += b_dA[:, None] * b_qt[None, :] * b_e
-        tl.store(dk + (cols[:, None] * H + i_h) * K + ck[None, :], b_dk.to(dk.dtype.element_ty), mask=mkj)
-        tl.store(dv + (cols[:, None] * H + i_h) * V + cv[None, :], b_dv.to(dv.dtype.element_ty), mask=mvj)
+            b_Gj = tl.load(G + (cols[:, None] * H + i_h) * K + ck[None, :], mask=mkj, other=0.0)
+            b_dAij = tl.load(
+                dA + (rows[:, None] * H + i_h) * C + j * S + s[None, :], mask=row_ok[:, None], other=0.0
+            )
+            b_kr = b_kj * tl.exp(tl.where(mkj, b_r[None, :] - b_Gj, NEG_INF))
+            b_acc += tl.dot(b_dAij, b_kr, input_precision=PRECISION)
+        b_dq += b_acc * scale * tl.exp(tl.where(mk, b_G - b_r[None, :], NEG_INF))
+        # dk: queries of later sub-blocks, referenced to the end of sub-block i
+        ref_end = tl.minimum(bos + i * S + S, eos) - 1
+        ref_end = tl.maximum(ref_end, bos)
+        b_re = tl.load(G + (ref_end * H + i_h) * K + ck, mask=ck < K, other=0.0)
+        b_acc = tl.zeros([S, BK], dtype=tl.float32)
+        for j in tl.static_range(i + 1, C // S):
+            qrows = bos + j * S + s
+            mkq = (qrows[:, None] < eos) & (ck[None, :] < K)
+            b_qj = tl.load(q + (qrows[:, None] * H + i_h) * K + ck[None, :], mask=mkq, other=0.0).to(
+                tl.float32
+            )
+            b_Gq = tl.load(G + (qrows[:, None] * H + i_h) * K + ck[None, :], mask=mkq, other=0.0)
+            b_dAji = tl.load(
+                dA + (qrows[:, None] * H + i_h) * C + i * S + s[None, :], mask=qrows[:, None] < eos, other=0.0
+            )
+            b_qr = b_qj * tl.exp(tl.where(mkq, b_Gq - b_re[None, :], NEG_INF))
+            b_acc += tl.dot(tl.trans(b_dAji), b_qr, input_precision=PRECISION)
+        b_dk += b_acc * scale * tl.exp(tl.where(mk, b_re[None, :] - b_G, NEG_INF))
+        # the diagonal sub-block, element-wise in log space
+        for t in range(S):
+            pos = bos + i * S + t
+            ok = pos < eos
+            kmask = ck < tl.where(ok, K, 0)
+            b_kt = tl.load(k + (pos * H + i_h) * K + ck, mask=kmask, other=0.0).to(tl.float32)
+            b_qt = tl.load(q + (pos * H + i_h) * K + ck, mask=kmask, other=0.0).to(tl.float32) * scale
+            b_Gt = tl.load(G + (pos * H + i_h) * K + ck, mask=kmask, other=0.0)
+            # token t as the key of this sub-block's queries (rows s >= t) ...
+            b_dA_col = tl.load(dA + (rows * H + i_h) * C + i * S + t, mask=row_ok, other=0.0)
+            b_e = tl.exp(tl.where((s[:, None] >= t) & mk, b_G - b_Gt[None, :], NEG_INF))
+            b_dq += b_dA_col[:, None] * scale * b_kt[None, :] * b_e
+            # ... and as the query of this sub-block's keys (rows s <= t)
+            b_dA_row = tl.load(dA + (pos * H + i_h) * C + i * S + s, mask=s <= tl.where(ok, t, -1), other=0.0)
+            b_e = tl.exp(tl.where((s[:, None] <= tl.where(ok, t, -1)) & mk, b_Gt[None, :] - b_G, NEG_INF))
+            b_dk += b_dA_row[:, None] * b_qt[None, :] * b_e
+        tl.store(dq + (rows[:, None] * H + i_h) * K + ck[None, :], b_dq, mask=mk)
+        tl.store(dk + (rows[:, None] * H + i_h) * K + ck[None, :], b_dk, mask=mk)
 
 
 def _block(n: int) -> int:
@@ -343,49 +398,54 @@ def gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
     T, H, K = k.shape
     V = v.shape[-1]
     C, S = GLA_TRITON_CHUNK, GLA_TRITON_SUB
-    BK, BV = _block(K), _block(V)
-    BKs, BVs = min(64, BK), min(64, BV)
+    BK = _block(K)
+    BKs, BV = min(64, BK), min(64, _block(V))
     N = cu_seqlens.numel() - 1
     table = chunk_table(cu_seqlens, C)
     NC = table.num_chunks
     precision = _precision(k.dtype)
     f32 = dict(device=k.device, dtype=torch.float32)
     G = torch.empty(T, H, K, **f32)
+    A = torch.empty(T, H, C, **f32)
     if NC:
         _gla_cumsum[(NC, H)](g, G, table.chunk_start, table.chunk_end, H=H, K=K, C=C, BK=BK)
+        _gla_intra_scores[(NC, H)](
+            q, k, G, A, scale, table.chunk_start, table.chunk_end,
+            H=H, K=K, C=C, S=S, BK=BK, PRECISION=precision,
+        )  # fmt: skip
     hs = torch.empty(NC, H, K, V, **f32)
     ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
-    _gla_state[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), N * H)](
+    _gla_state[(triton.cdiv(K, BKs), triton.cdiv(V, BV), N * H)](
         k, v, G, initial_state, hs, ht, cu_seqlens, table.seq_chunk_offset,
-        H=H, K=K, V=V, C=C, BK=BKs, BV=BVs,
+        H=H, K=K, V=V, C=C, BK=BKs, BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
         PRECISION=precision,
     )  # fmt: skip
     o = torch.empty(T, H, V, device=v.device, dtype=v.dtype)
     if NC:
-        _gla_output[(triton.cdiv(V, BVs), NC, H)](
-            q, k, v, G, hs, o, scale, table.chunk_start, table.chunk_end,
-            H=H, K=K, V=V, C=C, S=S, BK=BK, BV=BVs, PRECISION=precision,
+        _gla_output[(triton.cdiv(V, BV), NC, H)](
+            q, v, G, A, hs, o, scale, table.chunk_start, table.chunk_end,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision,
         )  # fmt: skip
-    return o, ht, (G, hs, table)
+    return o, ht, (G, A, hs, table)
 
 
 def gla_bwd(q, k, v, g, scale, initial_state, cu_seqlens, saved, do, dht, ht):
     T, H, K = k.shape
     V = v.shape[-1]
     C, S = GLA_TRITON_CHUNK, GLA_TRITON_SUB
-    BK, BV = _block(K), _block(V)
-    BKs, BVs = min(64, BK), min(64, BV)
+    BK = _block(K)
+    BKs, BV = min(64, BK), min(64, _block(V))
     N = cu_seqlens.numel() - 1
-    G, hs, table = saved
+    G, A, hs, table = saved
     NC = table.num_chunks
     precision = _precision(k.dtype)
     f32 = dict(device=k.device, dtype=torch.float32)
     dhs = torch.empty(NC, H, K, V, **f32)
     dh0 = torch.empty(N, H, K, V, **f32) if initial_state is not None else None
-    _gla_state_bwd[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), N * H)](
+    _gla_state_bwd[(triton.cdiv(K, BKs), triton.cdiv(V, BV), N * H)](
         q, G, do, dht, dh0, dhs, scale, cu_seqlens, table.seq_chunk_offset,
-        H=H, K=K, V=V, C=C, BK=BKs, BV=BVs,
+        H=H, K=K, V=V, C=C, BK=BKs, BV=BV,
         USE_FINAL_STATE_GRADIENT=dht is not None, STORE_INITIAL_STATE_GRADIENT=initial_state is not None,
         PRECISION=precision,
     )  # fmt: skip
@@ -393,8 +453,14 @@ def gla_bwd(q, k, v, g, scale, initial_state, cu_seqlens, saved, do, dht, ht):
     dk32 = torch.empty(T, H, K, **f32)
     dv = torch.empty_like(v)
     if NC:
-        _gla_chunk_bwd[(NC, H)](
-            q, k, v, G, hs, dhs, do, dq32, dk32, dv, scale, table.chunk_start, table.chunk_end,
+        dA = torch.empty(T, H, C, **f32)
+        chunks = (table.chunk_start, table.chunk_end)
+        _gla_dA[(NC, H)](v, do, dA, *chunks, H=H, V=V, C=C, BV=BV, PRECISION=precision)
+        _gla_dv[(triton.cdiv(V, BV), NC, H)](
+            k, G, A, do, dhs, dv, *chunks, H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision
+        )
+        _gla_dqk[(NC, H)](
+            q, k, v, G, dA, hs, dhs, do, dq32, dk32, scale, *chunks,
             H=H, K=K, V=V, C=C, S=S, BK=BK, BV=BV, PRECISION=precision,
         )  # fmt: skip
     dg = gate_gradient(q, k, dq32, dk32, cu_seqlens, dht, ht)
@@ -420,17 +486,17 @@ def gate_gradient(q, k, dq, dk, cu_seqlens, dht, ht):
 class GlaTritonFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-        o, ht, (G, hs, table) = gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-        ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, G, hs, ht)
+        o, ht, (G, A, hs, table) = gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+        ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, G, A, hs, ht)
         ctx.table = table
         ctx.scale = scale
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, initial_state, cu_seqlens, G, hs, ht = ctx.saved_tensors
+        q, k, v, g, initial_state, cu_seqlens, G, A, hs, ht = ctx.saved_tensors
         dq, dk, dv, dg, dh0 = gla_bwd(
-            q, k, v, g, ctx.scale, initial_state, cu_seqlens, (G, hs, ctx.table),
+            q, k, v, g, ctx.scale, initial_state, cu_seqlens, (G, A, hs, ctx.table),
             do.contiguous(), None if dht is None else dht.contiguous(), ht,
         )  # fmt: skip
         return dq, dk, dv, dg, None, dh0, None, None

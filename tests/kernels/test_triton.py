@@ -19,12 +19,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OUT_TOL, GRAD_TOL, HALF_TOL = 5e-3, 8e-3, 2e-2
 
 # (seed, B, T, H, Dk, Dv): lengths within one chunk, across chunk boundaries, never a multiple of 64
-# except one; head dims that are and are not powers of two.
+# except one; head dims that are and are not powers of two, wider than one 64-wide block.
 SHAPES = [
     (0, 1, 1, 1, 16, 16),
     (1, 2, 37, 2, 16, 32),
     (2, 1, 64, 1, 32, 16),
     (3, 1, 150, 2, 24, 20),
+    (4, 1, 70, 1, 72, 80),  # several 64-wide K and V blocks, the last one partial
 ]
 SHAPE_IDS = [f"B{b}-T{t}-H{h}-K{k}-V{v}" for _, b, t, h, k, v in SHAPES]
 
