@@ -17,6 +17,7 @@ from kernels.reference import naive_recurrent_efla, naive_recurrent_gla
 from kernels.varlen import check_cu_seqlens, check_state_count, per_document
 
 BACKENDS = ("auto", "triton", "torch", "naive")
+TRITON_MAX_HEAD_DIM = 256
 
 
 def triton_interpreted() -> bool:
@@ -60,6 +61,11 @@ def _run_triton(op, q, k, v, gate, scale, initial_state, output_final_state, cu_
     """Flatten [B, T] into one packed sequence (B documents when no cu_seqlens) and run the kernels."""
     B, T, H, K = q.shape
     V = v.shape[-1]
+    if K > TRITON_MAX_HEAD_DIM:
+        raise ValueError(
+            f"{op}: backend='triton' keeps a whole key row in one tile, so Dk must be <= {TRITON_MAX_HEAD_DIM}, "
+            f"got {K}; use backend='torch' or split the heads"
+        )
     if cu_seqlens is None:
         cu_seqlens = torch.arange(B + 1, device=q.device, dtype=torch.int64) * T
     scale = K**-0.5 if scale is None else float(scale)

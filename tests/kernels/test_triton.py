@@ -185,3 +185,11 @@ def test_triton_efla_zero_and_huge_keys_stay_finite():
     inputs["k"][:, 10:20] *= 1e4  # beta |k|^2 ~ 1e9: a ~ 1/|k|^2
     inputs["beta"][:, 20:30] = 1e6
     check_backends_agree("quasar", to_device(inputs), tol=OUT_TOL, grad_tol=GRAD_TOL, backend="triton")
+
+
+@pytest.mark.parametrize("op", ["quasar", "gla"])
+def test_triton_rejects_head_dims_beyond_one_tile(op):
+    inputs = to_device(make_inputs(op, 1, 4, 1, 264, 8, with_state=False))
+    fn = quasar_attention if op == "quasar" else gla_attention
+    with pytest.raises(ValueError, match=r"Dk must be <= 256, got 264"):
+        fn(inputs["q"], inputs["k"], inputs["v"], inputs[GATE[op]], backend="triton")
