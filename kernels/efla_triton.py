@@ -32,6 +32,9 @@ from kernels.reference import _EFLA_SERIES_THRESHOLD
 from kernels.varlen import chunk_table
 
 EFLA_TRITON_CHUNK = 64
+# Launch settings: 8 warps spread the [64, Dk] fp32 tiles over more registers, and one stage (no
+# software pipelining of the loads) keeps shared memory within an A100's 163 KiB per block.
+HEAVY = {"num_warps": 8, "num_stages": 1}
 
 
 @triton.jit
@@ -227,14 +230,18 @@ def _efla_state_bwd(
 
 
 @triton.jit
-def _efla_chunk_bwd(
-    q, k, v, beta, a, tm, v_new, hs, dhs, do, dv_new,
-    dq, dk, dv, dbeta, scale,
+def _efla_chunk_bwd_v(
+    q, k, v, a, tm, v_new, hs, dhs, do, dv_new,
+    dq, dv, dk_u, dw, dT, da, scale,
     chunk_start, chunk_end,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    THRESHOLD: tl.constexpr, PRECISION: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Backward, the part that involves V, one V block at a time, then tril(Q K^T): dv and dq are
+    stored, the partial dk and the sums over V are written (fp32) for `_efla_chunk_bwd_k`.
+
+    o = Qs S + tril(Qs K^T) u;  S_next = S + K^T u;  u = U - W S;  U = Tm (a V)
+    """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos = tl.load(chunk_start + i_c)
     eos = tl.load(chunk_end + i_c)
@@ -243,15 +250,9 @@ def _efla_chunk_bwd(
     r = tl.arange(0, C)
     ck = tl.arange(0, BK)
     mk = row_ok[:, None] & (ck[None, :] < K)
-
-    b_q = tl.load(q + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32) * scale
-    b_k = tl.load(k + (rows[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
-    b_beta = tl.load(beta + rows * H + i_h, mask=row_ok, other=0.0).to(tl.float32)
     b_a = tl.load(a + rows * H + i_h, mask=row_ok, other=0.0)
     b_T = tl.load(tm + (rows[:, None] * H + i_h) * C + r[None, :], mask=row_ok[:, None], other=0.0)
 
-    # Everything that involves V, one V block at a time: sums over V accumulate, dv is stored.
-    # o = Qs S + tril(Qs K^T) u;  S_next = S + K^T u;  u = U - W S;  U = Tm (a V)
     b_dqk = tl.zeros([C, C], dtype=tl.float32)
     b_dq = tl.zeros([C, BK], dtype=tl.float32)
     b_dk = tl.zeros([C, BK], dtype=tl.float32)
@@ -273,23 +274,62 @@ def _efla_chunk_bwd(
         b_dq += tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION)
         b_dk += tl.dot(b_u, tl.trans(b_dh), input_precision=PRECISION)
         b_dw -= tl.dot(b_du, tl.trans(b_h), input_precision=PRECISION)
-        b_va = b_v * b_a[:, None]
         b_dva = tl.dot(tl.trans(b_T), b_du, input_precision=PRECISION)
-        b_dT += tl.dot(b_du, tl.trans(b_va), input_precision=PRECISION)
+        b_dT += tl.dot(b_du, tl.trans(b_v * b_a[:, None]), input_precision=PRECISION)
         b_da += tl.sum(b_dva * b_v, 1)
         tl.store(
             dv + (rows[:, None] * H + i_h) * V + cv[None, :],
             (b_dva * b_a[:, None]).to(dv.dtype.element_ty),
             mask=mv,
         )
-
+    # through tril(Qs K^T)
+    row_c = (rows[:, None] * H + i_h) * C + r[None, :]
+    row_k = (rows[:, None] * H + i_h) * K + ck[None, :]
+    b_q = tl.load(q + row_k, mask=mk, other=0.0).to(tl.float32) * scale
+    b_k = tl.load(k + row_k, mask=mk, other=0.0).to(tl.float32)
     b_dqk = tl.where(r[:, None] >= r[None, :], b_dqk, 0.0)
     b_dq += tl.dot(b_dqk, b_k, input_precision=PRECISION)
     b_dk += tl.dot(tl.trans(b_dqk), b_q, input_precision=PRECISION)
+    tl.store(dT + row_c, b_dT, mask=row_ok[:, None])
+    tl.store(dq + row_k, (b_dq * scale).to(dq.dtype.element_ty), mask=mk)
+    tl.store(dk_u + row_k, b_dk, mask=mk)
+    tl.store(dw + row_k, b_dw, mask=mk)
+    tl.store(da + rows * H + i_h, b_da, mask=row_ok)
+
+
+@triton.jit
+def _efla_chunk_bwd_k(
+    k, beta, a, tm, dk_u, dw, dT, da,
+    dk, dbeta,
+    chunk_start, chunk_end,
+    H: tl.constexpr, K: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, THRESHOLD: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Backward, the key side: dk and dbeta through W = Tm (a K), Tm = (I + A)^-1,
+    A = tril(diag(a) K K^T, -1) and a = a(beta, |k|^2)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    bos = tl.load(chunk_start + i_c)
+    eos = tl.load(chunk_end + i_c)
+    rows = bos + tl.arange(0, C)
+    row_ok = rows < eos
+    r = tl.arange(0, C)
+    ck = tl.arange(0, BK)
+    mk = row_ok[:, None] & (ck[None, :] < K)
+    row_c = (rows[:, None] * H + i_h) * C + r[None, :]
+    row_k = (rows[:, None] * H + i_h) * K + ck[None, :]
+
+    b_k = tl.load(k + row_k, mask=mk, other=0.0).to(tl.float32)
+    b_beta = tl.load(beta + rows * H + i_h, mask=row_ok, other=0.0).to(tl.float32)
+    b_a = tl.load(a + rows * H + i_h, mask=row_ok, other=0.0)
+    b_T = tl.load(tm + row_c, mask=row_ok[:, None], other=0.0)
+    b_dT = tl.load(dT + row_c, mask=row_ok[:, None], other=0.0)
+    b_dw = tl.load(dw + row_k, mask=mk, other=0.0)
+    b_da = tl.load(da + rows * H + i_h, mask=row_ok, other=0.0)
+
+    b_dk = tl.load(dk_u + row_k, mask=mk, other=0.0)
     # W = Tm (a K)
-    b_ka = b_k * b_a[:, None]
     b_dka = tl.dot(tl.trans(b_T), b_dw, input_precision=PRECISION)
-    b_dT += tl.dot(b_dw, tl.trans(b_ka), input_precision=PRECISION)
+    b_dT += tl.dot(b_dw, tl.trans(b_k * b_a[:, None]), input_precision=PRECISION)
     # Tm = (I + A)^-1  =>  dA = -Tm^T dTm Tm^T, kept on A's strictly lower support
     b_dA = tl.dot(tl.trans(b_T), b_dT, input_precision=PRECISION)
     b_dA = -tl.dot(b_dA, tl.trans(b_T), input_precision=PRECISION)
@@ -298,18 +338,13 @@ def _efla_chunk_bwd(
     b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
     b_da += tl.sum(b_dA * b_kk, 1) + tl.sum(b_dka * b_k, 1)
     b_dAa = b_dA * b_a[:, None]
-    b_dk += tl.dot(b_dAa, b_k, input_precision=PRECISION) + tl.dot(
-        tl.trans(b_dAa), b_k, input_precision=PRECISION
-    )
+    b_dk += tl.dot(b_dAa + tl.trans(b_dAa), b_k, input_precision=PRECISION)
     b_dk += b_dka * b_a[:, None]
     # a = a(beta, |k|^2)
     d_beta, d_n2 = _step_size_grads(b_beta, tl.sum(b_k * b_k, 1), THRESHOLD)
     b_dk += 2.0 * b_k * (b_da * d_n2)[:, None]
 
-    tl.store(
-        dq + (rows[:, None] * H + i_h) * K + ck[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=mk
-    )
-    tl.store(dk + (rows[:, None] * H + i_h) * K + ck[None, :], b_dk.to(dk.dtype.element_ty), mask=mk)
+    tl.store(dk + row_k, b_dk.to(dk.dtype.element_ty), mask=mk)
     tl.store(dbeta + rows * H + i_h, (b_da * d_beta).to(dbeta.dtype.element_ty), mask=row_ok)
 
 
@@ -341,7 +376,7 @@ def efla_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens
     if NC:
         _efla_prepare[(NC, H)](
             k, v, beta, a, tm, w, u, table.chunk_start, table.chunk_end,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV, THRESHOLD=_EFLA_SERIES_THRESHOLD, PRECISION=precision,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, THRESHOLD=_EFLA_SERIES_THRESHOLD, PRECISION=precision, **HEAVY,
         )  # fmt: skip
     hs = torch.empty(NC, H, K, V, **f32)
     v_new = torch.empty(T, H, V, **f32)
@@ -350,13 +385,13 @@ def efla_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens
         k, w, u, initial_state, hs, v_new, ht, cu_seqlens, table.seq_chunk_offset,
         H=H, K=K, V=V, C=C, BK=BK, BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        PRECISION=precision,
+        PRECISION=precision, **HEAVY,
     )  # fmt: skip
     o = torch.empty(T, H, V, device=v.device, dtype=v.dtype)
     if NC:
         _efla_output[(triton.cdiv(V, BV), NC, H)](
             q, k, v_new, hs, o, scale, table.chunk_start, table.chunk_end,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, **HEAVY,
         )  # fmt: skip
     return o, ht, (a, tm, w, v_new, hs, table)
 
@@ -379,14 +414,21 @@ def efla_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, saved, do, dht):
         q, k, w, do, dht, dh0, dhs, dv_new, scale, cu_seqlens, table.seq_chunk_offset,
         H=H, K=K, V=V, C=C, BK=BK, BV=BV,
         USE_FINAL_STATE_GRADIENT=dht is not None, STORE_INITIAL_STATE_GRADIENT=initial_state is not None,
-        PRECISION=precision,
+        PRECISION=precision, **HEAVY,
     )  # fmt: skip
     dq, dk, dv, dbeta = (torch.empty_like(x) for x in (q, k, v, beta))
     if NC:
-        _efla_chunk_bwd[(NC, H)](
-            q, k, v, beta, a, tm, v_new, hs, dhs, do, dv_new, dq, dk, dv, dbeta, scale,
-            table.chunk_start, table.chunk_end,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV, THRESHOLD=_EFLA_SERIES_THRESHOLD, PRECISION=precision,
+        chunks = (table.chunk_start, table.chunk_end)
+        dT = torch.empty(T, H, C, **f32)
+        dk_u, dw = torch.empty(T, H, K, **f32), torch.empty(T, H, K, **f32)
+        da = torch.empty(T, H, **f32)
+        _efla_chunk_bwd_v[(NC, H)](
+            q, k, v, a, tm, v_new, hs, dhs, do, dv_new, dq, dv, dk_u, dw, dT, da, scale, *chunks,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, **HEAVY,
+        )  # fmt: skip
+        _efla_chunk_bwd_k[(NC, H)](
+            k, beta, a, tm, dk_u, dw, dT, da, dk, dbeta, *chunks,
+            H=H, K=K, C=C, BK=BK, THRESHOLD=_EFLA_SERIES_THRESHOLD, PRECISION=precision, **HEAVY,
         )  # fmt: skip
     return dq, dk, dv, dbeta, dh0
 

@@ -38,6 +38,9 @@ from kernels.varlen import chunk_table
 
 GLA_TRITON_CHUNK = 64
 GLA_TRITON_SUB = 16
+# Launch settings: 8 warps spread the [64, Dk] fp32 tiles over more registers (no spills at Dk = 128),
+# and one stage (no software pipelining of the loads) keeps shared memory small.
+HEAVY = {"num_warps": 8, "num_stages": 1}
 
 
 @triton.jit
@@ -408,10 +411,10 @@ def gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
     G = torch.empty(T, H, K, **f32)
     A = torch.empty(T, H, C, **f32)
     if NC:
-        _gla_cumsum[(NC, H)](g, G, table.chunk_start, table.chunk_end, H=H, K=K, C=C, BK=BK)
+        _gla_cumsum[(NC, H)](g, G, table.chunk_start, table.chunk_end, H=H, K=K, C=C, BK=BK, **HEAVY)
         _gla_intra_scores[(NC, H)](
             q, k, G, A, scale, table.chunk_start, table.chunk_end,
-            H=H, K=K, C=C, S=S, BK=BK, PRECISION=precision,
+            H=H, K=K, C=C, S=S, BK=BK, PRECISION=precision, **HEAVY,
         )  # fmt: skip
     hs = torch.empty(NC, H, K, V, **f32)
     ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
@@ -419,13 +422,13 @@ def gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
         k, v, G, initial_state, hs, ht, cu_seqlens, table.seq_chunk_offset,
         H=H, K=K, V=V, C=C, BK=BKs, BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        PRECISION=precision,
+        PRECISION=precision, **HEAVY,
     )  # fmt: skip
     o = torch.empty(T, H, V, device=v.device, dtype=v.dtype)
     if NC:
         _gla_output[(triton.cdiv(V, BV), NC, H)](
             q, v, G, A, hs, o, scale, table.chunk_start, table.chunk_end,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, **HEAVY,
         )  # fmt: skip
     return o, ht, (G, A, hs, table)
 
@@ -447,7 +450,7 @@ def gla_bwd(q, k, v, g, scale, initial_state, cu_seqlens, saved, do, dht, ht):
         q, G, do, dht, dh0, dhs, scale, cu_seqlens, table.seq_chunk_offset,
         H=H, K=K, V=V, C=C, BK=BKs, BV=BV,
         USE_FINAL_STATE_GRADIENT=dht is not None, STORE_INITIAL_STATE_GRADIENT=initial_state is not None,
-        PRECISION=precision,
+        PRECISION=precision, **HEAVY,
     )  # fmt: skip
     dq32 = torch.empty(T, H, K, **f32)
     dk32 = torch.empty(T, H, K, **f32)
@@ -455,13 +458,13 @@ def gla_bwd(q, k, v, g, scale, initial_state, cu_seqlens, saved, do, dht, ht):
     if NC:
         dA = torch.empty(T, H, C, **f32)
         chunks = (table.chunk_start, table.chunk_end)
-        _gla_dA[(NC, H)](v, do, dA, *chunks, H=H, V=V, C=C, BV=BV, PRECISION=precision)
+        _gla_dA[(NC, H)](v, do, dA, *chunks, H=H, V=V, C=C, BV=BV, PRECISION=precision, **HEAVY)
         _gla_dv[(triton.cdiv(V, BV), NC, H)](
-            k, G, A, do, dhs, dv, *chunks, H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision
+            k, G, A, do, dhs, dv, *chunks, H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, **HEAVY
         )
         _gla_dqk[(NC, H)](
             q, k, v, G, dA, hs, dhs, do, dq32, dk32, scale, *chunks,
-            H=H, K=K, V=V, C=C, S=S, BK=BK, BV=BV, PRECISION=precision,
+            H=H, K=K, V=V, C=C, S=S, BK=BK, BV=BV, PRECISION=precision, **HEAVY,
         )  # fmt: skip
     dg = gate_gradient(q, k, dq32, dk32, cu_seqlens, dht, ht)
     return dq32.to(q.dtype), dk32.to(k.dtype), dv, dg.to(g.dtype), dh0
