@@ -18,7 +18,17 @@ KERNELS = [
 
 def test_every_kernel_compiles_for_sm80_sm89_sm90_within_shared_memory():
     proc = subprocess.run(
-        [sys.executable, "-m", "kernels.compile_check", "--arch", "80,89,90", "--dtype", "bf16", "--dim", "128"],
+        [
+            sys.executable,
+            "-m",
+            "kernels.compile_check",
+            "--arch",
+            "80,89,90",
+            "--dtype",
+            "bf16",
+            "--dim",
+            "128",
+        ],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
