@@ -29,12 +29,10 @@ import triton
 import triton.language as tl
 
 from kernels.reference import _EFLA_SERIES_THRESHOLD
+from kernels.triton_utils import LAUNCH, block_size, dot_precision
 from kernels.varlen import chunk_table
 
 EFLA_TRITON_CHUNK = 64
-# Launch settings: 8 warps spread the [64, Dk] fp32 tiles over more registers, and one stage (no
-# software pipelining of the loads) keeps shared memory within an A100's 163 KiB per block.
-HEAVY = {"num_warps": 8, "num_stages": 1}
 
 
 @triton.jit
@@ -348,22 +346,13 @@ def _efla_chunk_bwd_k(
     tl.store(dbeta + rows * H + i_h, (b_da * d_beta).to(dbeta.dtype.element_ty), mask=row_ok)
 
 
-def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get full-precision products; 16-bit inputs may use TF32 tensor cores.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def efla_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
     """Packed inputs [T, H, D]; returns o [T, H, V], final state, and what the backward needs."""
     T, H, K = k.shape
     V = v.shape[-1]
     C = EFLA_TRITON_CHUNK
-    BK = _block(K)
-    BV = min(64, _block(V))
+    BK = block_size(K)
+    BV = min(64, block_size(V))
     N = cu_seqlens.numel() - 1
     table = chunk_table(cu_seqlens, C)
     f32 = dict(device=k.device, dtype=torch.float32)
@@ -371,12 +360,12 @@ def efla_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens
     tm = torch.empty(T, H, C, **f32)
     w = torch.empty(T, H, K, **f32)
     u = torch.empty(T, H, V, **f32)
-    precision = _precision(k.dtype)
+    precision = dot_precision(k.dtype)
     NC = table.num_chunks
     if NC:
         _efla_prepare[(NC, H)](
             k, v, beta, a, tm, w, u, table.chunk_start, table.chunk_end,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV, THRESHOLD=_EFLA_SERIES_THRESHOLD, PRECISION=precision, **HEAVY,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, THRESHOLD=_EFLA_SERIES_THRESHOLD, PRECISION=precision, **LAUNCH,
         )  # fmt: skip
     hs = torch.empty(NC, H, K, V, **f32)
     v_new = torch.empty(T, H, V, **f32)
@@ -385,13 +374,13 @@ def efla_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens
         k, w, u, initial_state, hs, v_new, ht, cu_seqlens, table.seq_chunk_offset,
         H=H, K=K, V=V, C=C, BK=BK, BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        PRECISION=precision, **HEAVY,
+        PRECISION=precision, **LAUNCH,
     )  # fmt: skip
     o = torch.empty(T, H, V, device=v.device, dtype=v.dtype)
     if NC:
         _efla_output[(triton.cdiv(V, BV), NC, H)](
             q, k, v_new, hs, o, scale, table.chunk_start, table.chunk_end,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, **HEAVY,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, **LAUNCH,
         )  # fmt: skip
     return o, ht, (a, tm, w, v_new, hs, table)
 
@@ -400,12 +389,12 @@ def efla_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, saved, do, dht):
     T, H, K = k.shape
     V = v.shape[-1]
     C = EFLA_TRITON_CHUNK
-    BK = _block(K)
-    BV = min(64, _block(V))
+    BK = block_size(K)
+    BV = min(64, block_size(V))
     N = cu_seqlens.numel() - 1
     a, tm, w, v_new, hs, table = saved
     NC = table.num_chunks
-    precision = _precision(k.dtype)
+    precision = dot_precision(k.dtype)
     f32 = dict(device=k.device, dtype=torch.float32)
     dhs = torch.empty(NC, H, K, V, **f32)
     dv_new = torch.empty(T, H, V, **f32)
@@ -414,7 +403,7 @@ def efla_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, saved, do, dht):
         q, k, w, do, dht, dh0, dhs, dv_new, scale, cu_seqlens, table.seq_chunk_offset,
         H=H, K=K, V=V, C=C, BK=BK, BV=BV,
         USE_FINAL_STATE_GRADIENT=dht is not None, STORE_INITIAL_STATE_GRADIENT=initial_state is not None,
-        PRECISION=precision, **HEAVY,
+        PRECISION=precision, **LAUNCH,
     )  # fmt: skip
     dq, dk, dv, dbeta = (torch.empty_like(x) for x in (q, k, v, beta))
     if NC:
@@ -424,11 +413,11 @@ def efla_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, saved, do, dht):
         da = torch.empty(T, H, **f32)
         _efla_chunk_bwd_v[(NC, H)](
             q, k, v, a, tm, v_new, hs, dhs, do, dv_new, dq, dv, dk_u, dw, dT, da, scale, *chunks,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, **HEAVY,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, **LAUNCH,
         )  # fmt: skip
         _efla_chunk_bwd_k[(NC, H)](
             k, beta, a, tm, dk_u, dw, dT, da, dk, dbeta, *chunks,
-            H=H, K=K, C=C, BK=BK, THRESHOLD=_EFLA_SERIES_THRESHOLD, PRECISION=precision, **HEAVY,
+            H=H, K=K, C=C, BK=BK, THRESHOLD=_EFLA_SERIES_THRESHOLD, PRECISION=precision, **LAUNCH,
         )  # fmt: skip
     return dq, dk, dv, dbeta, dh0
 

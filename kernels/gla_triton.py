@@ -34,13 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_utils import LAUNCH, block_size, dot_precision
 from kernels.varlen import chunk_table
 
 GLA_TRITON_CHUNK = 64
 GLA_TRITON_SUB = 16
-# Launch settings: 8 warps spread the [64, Dk] fp32 tiles over more registers (no spills at Dk = 128),
-# and one stage (no software pipelining of the loads) keeps shared memory small.
-HEAVY = {"num_warps": 8, "num_stages": 1}
 
 
 @triton.jit
@@ -388,33 +386,25 @@ def _gla_dqk(
         tl.store(dk + (rows[:, None] * H + i_h) * K + ck[None, :], b_dk, mask=mk)
 
 
-def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
     """Packed inputs [T, H, D]; returns o [T, H, V], final state, and what the backward needs."""
     T, H, K = k.shape
     V = v.shape[-1]
     C, S = GLA_TRITON_CHUNK, GLA_TRITON_SUB
-    BK = _block(K)
-    BKs, BV = min(64, BK), min(64, _block(V))
+    BK = block_size(K)
+    BKs, BV = min(64, BK), min(64, block_size(V))
     N = cu_seqlens.numel() - 1
     table = chunk_table(cu_seqlens, C)
     NC = table.num_chunks
-    precision = _precision(k.dtype)
+    precision = dot_precision(k.dtype)
     f32 = dict(device=k.device, dtype=torch.float32)
     G = torch.empty(T, H, K, **f32)
     A = torch.empty(T, H, C, **f32)
     if NC:
-        _gla_cumsum[(NC, H)](g, G, table.chunk_start, table.chunk_end, H=H, K=K, C=C, BK=BK, **HEAVY)
+        _gla_cumsum[(NC, H)](g, G, table.chunk_start, table.chunk_end, H=H, K=K, C=C, BK=BK, **LAUNCH)
         _gla_intra_scores[(NC, H)](
             q, k, G, A, scale, table.chunk_start, table.chunk_end,
-            H=H, K=K, C=C, S=S, BK=BK, PRECISION=precision, **HEAVY,
+            H=H, K=K, C=C, S=S, BK=BK, PRECISION=precision, **LAUNCH,
         )  # fmt: skip
     hs = torch.empty(NC, H, K, V, **f32)
     ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
@@ -422,13 +412,13 @@ def gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
         k, v, G, initial_state, hs, ht, cu_seqlens, table.seq_chunk_offset,
         H=H, K=K, V=V, C=C, BK=BKs, BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        PRECISION=precision, **HEAVY,
+        PRECISION=precision, **LAUNCH,
     )  # fmt: skip
     o = torch.empty(T, H, V, device=v.device, dtype=v.dtype)
     if NC:
         _gla_output[(triton.cdiv(V, BV), NC, H)](
             q, v, G, A, hs, o, scale, table.chunk_start, table.chunk_end,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, **HEAVY,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, **LAUNCH,
         )  # fmt: skip
     return o, ht, (G, A, hs, table)
 
@@ -437,12 +427,12 @@ def gla_bwd(q, k, v, g, scale, initial_state, cu_seqlens, saved, do, dht, ht):
     T, H, K = k.shape
     V = v.shape[-1]
     C, S = GLA_TRITON_CHUNK, GLA_TRITON_SUB
-    BK = _block(K)
-    BKs, BV = min(64, BK), min(64, _block(V))
+    BK = block_size(K)
+    BKs, BV = min(64, BK), min(64, block_size(V))
     N = cu_seqlens.numel() - 1
     G, A, hs, table = saved
     NC = table.num_chunks
-    precision = _precision(k.dtype)
+    precision = dot_precision(k.dtype)
     f32 = dict(device=k.device, dtype=torch.float32)
     dhs = torch.empty(NC, H, K, V, **f32)
     dh0 = torch.empty(N, H, K, V, **f32) if initial_state is not None else None
@@ -450,7 +440,7 @@ def gla_bwd(q, k, v, g, scale, initial_state, cu_seqlens, saved, do, dht, ht):
         q, G, do, dht, dh0, dhs, scale, cu_seqlens, table.seq_chunk_offset,
         H=H, K=K, V=V, C=C, BK=BKs, BV=BV,
         USE_FINAL_STATE_GRADIENT=dht is not None, STORE_INITIAL_STATE_GRADIENT=initial_state is not None,
-        PRECISION=precision, **HEAVY,
+        PRECISION=precision, **LAUNCH,
     )  # fmt: skip
     dq32 = torch.empty(T, H, K, **f32)
     dk32 = torch.empty(T, H, K, **f32)
@@ -458,13 +448,13 @@ def gla_bwd(q, k, v, g, scale, initial_state, cu_seqlens, saved, do, dht, ht):
     if NC:
         dA = torch.empty(T, H, C, **f32)
         chunks = (table.chunk_start, table.chunk_end)
-        _gla_dA[(NC, H)](v, do, dA, *chunks, H=H, V=V, C=C, BV=BV, PRECISION=precision, **HEAVY)
+        _gla_dA[(NC, H)](v, do, dA, *chunks, H=H, V=V, C=C, BV=BV, PRECISION=precision, **LAUNCH)
         _gla_dv[(triton.cdiv(V, BV), NC, H)](
-            k, G, A, do, dhs, dv, *chunks, H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, **HEAVY
+            k, G, A, do, dhs, dv, *chunks, H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, **LAUNCH
         )
         _gla_dqk[(NC, H)](
             q, k, v, G, dA, hs, dhs, do, dq32, dk32, scale, *chunks,
-            H=H, K=K, V=V, C=C, S=S, BK=BK, BV=BV, PRECISION=precision, **HEAVY,
+            H=H, K=K, V=V, C=C, S=S, BK=BK, BV=BV, PRECISION=precision, **LAUNCH,
         )  # fmt: skip
     dg = gate_gradient(q, k, dq32, dk32, cu_seqlens, dht, ht)
     return dq32.to(q.dtype), dk32.to(k.dtype), dv, dg.to(g.dtype), dh0
