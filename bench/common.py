@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import platform
 import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -76,6 +77,14 @@ def write_section(path: Path, name: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
+
+
+def publish_section(out: Path | None, name: str, section: str) -> None:
+    """Print a benchmark's section and, when `out` is given, write it into that markdown file."""
+    print(section)
+    if out is not None:
+        write_section(out, name, section)
+        print(f"\nwrote the {name} section of {out}", file=sys.stderr)
 
 
 def markers(name: str) -> tuple[str, str]:

@@ -45,8 +45,8 @@ from bench.common import (  # noqa: E402
     machine_description,
     machine_line,
     markers,
+    publish_section,
     utc_now,
-    write_section,
 )
 from bench.kernels_cpu import parse_int_list  # noqa: E402
 from kernels import gla_attention, quasar_attention  # noqa: E402
@@ -262,10 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(args)
     meta["wall_s"] = time.perf_counter() - start
     section = render_section(rows, args, meta)
-    print(section)
-    if args.out is not None:
-        write_section(args.out, SECTION, section)
-        print(f"\nwrote the {SECTION} section of {args.out}", file=sys.stderr)
+    publish_section(args.out, SECTION, section)
 
 
 if __name__ == "__main__":

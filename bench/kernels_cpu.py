@@ -41,8 +41,8 @@ from bench.common import (  # noqa: E402
     machine_description,
     machine_line,
     markers,
+    publish_section,
     utc_now,
-    write_section,
 )
 from kernels import gla_attention, quasar_attention  # noqa: E402
 
@@ -246,10 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     meta["wall_s"] = time.perf_counter() - start
     meta["load_end"] = load_average()
     section = render_section(rows, machine, args, meta)
-    print(section)
-    if args.out is not None:
-        write_section(args.out, SECTION, section)
-        print(f"\nwrote the kernels_cpu section of {args.out}", file=sys.stderr)
+    publish_section(args.out, SECTION, section)
 
 
 if __name__ == "__main__":

@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker is not None:
         worker(args.worker, args.preset, args.tokens, args.chunk, args.seed, args.threads)
         return
-    from bench.common import load_average, machine_description, utc_now, write_section
+    from bench.common import load_average, machine_description, publish_section, utc_now
 
     report: dict = {
         "argv": sys.argv[1:] if argv is None else list(argv),
@@ -428,10 +428,7 @@ def main(argv: list[str] | None = None) -> None:
         report["plot"] = str(plot_path)
     (args.results_dir / "streaming.json").write_text(json.dumps(report, indent=2) + "\n")
     section = render_section(report)
-    print(section)
-    if args.out is not None:
-        write_section(args.out, SECTION, section)
-        print(f"\nwrote the {SECTION} section of {args.out}", file=sys.stderr)
+    publish_section(args.out, SECTION, section)
 
 
 if __name__ == "__main__":

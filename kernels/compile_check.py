@@ -73,12 +73,12 @@ def record_launches(dtype: torch.dtype, heads: int, dim: int) -> list:
         q, k, v = (torch.randn(T, H, D).to(dtype) for _ in range(3))
         beta = torch.rand(T, H).to(dtype)
         g = -torch.rand(T, H, D).to(dtype)
-        cu = torch.tensor([0, T])
+        offsets = (0, T)
         h0 = torch.zeros(1, H, D, D)
-        o, ht, saved = efla_triton.efla_fwd(q, k, v, beta, 0.1, h0, True, cu)
-        efla_triton.efla_bwd(q, k, v, beta, 0.1, h0, cu, saved, torch.zeros_like(o), torch.zeros_like(ht))
-        o, ht, saved = gla_triton.gla_fwd(q, k, v, g, 0.1, h0, True, cu)
-        gla_triton.gla_bwd(q, k, v, g, 0.1, h0, cu, saved, torch.zeros_like(o), torch.zeros_like(ht), ht)
+        o, ht, saved = efla_triton.efla_fwd(q, k, v, beta, 0.1, h0, True, offsets)
+        efla_triton.efla_bwd(q, k, v, beta, 0.1, h0, saved, torch.zeros_like(o), torch.zeros_like(ht))
+        o, ht, saved = gla_triton.gla_fwd(q, k, v, g, 0.1, h0, True, offsets)
+        gla_triton.gla_bwd(q, k, v, g, 0.1, h0, saved, torch.zeros_like(o), torch.zeros_like(ht), ht)
     finally:
         for module, name, obj in patched:
             setattr(module, name, obj)

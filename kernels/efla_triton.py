@@ -346,15 +346,16 @@ def _efla_chunk_bwd_k(
     tl.store(dbeta + rows * H + i_h, (b_da * d_beta).to(dbeta.dtype.element_ty), mask=row_ok)
 
 
-def efla_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
-    """Packed inputs [T, H, D]; returns o [T, H, V], final state, and what the backward needs."""
+def efla_fwd(q, k, v, beta, scale, initial_state, output_final_state, offsets):
+    """Packed inputs [T, H, D], documents at host `offsets`; returns o [T, H, V], final state, and
+    what the backward needs."""
     T, H, K = k.shape
     V = v.shape[-1]
     C = EFLA_TRITON_CHUNK
     BK = block_size(K)
     BV = min(64, block_size(V))
-    N = cu_seqlens.numel() - 1
-    table = chunk_table(cu_seqlens, C)
+    table = chunk_table(offsets, C, k.device)
+    N = table.num_sequences
     f32 = dict(device=k.device, dtype=torch.float32)
     a = torch.empty(T, H, **f32)
     tm = torch.empty(T, H, C, **f32)
@@ -371,7 +372,7 @@ def efla_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens
     v_new = torch.empty(T, H, V, **f32)
     ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
     _efla_state[(triton.cdiv(V, BV), N * H)](
-        k, w, u, initial_state, hs, v_new, ht, cu_seqlens, table.seq_chunk_offset,
+        k, w, u, initial_state, hs, v_new, ht, table.cu_seqlens, table.seq_chunk_offset,
         H=H, K=K, V=V, C=C, BK=BK, BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
         PRECISION=precision, **LAUNCH,
@@ -385,14 +386,14 @@ def efla_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens
     return o, ht, (a, tm, w, v_new, hs, table)
 
 
-def efla_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, saved, do, dht):
+def efla_bwd(q, k, v, beta, scale, initial_state, saved, do, dht):
     T, H, K = k.shape
     V = v.shape[-1]
     C = EFLA_TRITON_CHUNK
     BK = block_size(K)
     BV = min(64, block_size(V))
-    N = cu_seqlens.numel() - 1
     a, tm, w, v_new, hs, table = saved
+    N = table.num_sequences
     NC = table.num_chunks
     precision = dot_precision(k.dtype)
     f32 = dict(device=k.device, dtype=torch.float32)
@@ -400,7 +401,7 @@ def efla_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, saved, do, dht):
     dv_new = torch.empty(T, H, V, **f32)
     dh0 = torch.empty(N, H, K, V, **f32) if initial_state is not None else None
     _efla_state_bwd[(triton.cdiv(V, BV), N * H)](
-        q, k, w, do, dht, dh0, dhs, dv_new, scale, cu_seqlens, table.seq_chunk_offset,
+        q, k, w, do, dht, dh0, dhs, dv_new, scale, table.cu_seqlens, table.seq_chunk_offset,
         H=H, K=K, V=V, C=C, BK=BK, BV=BV,
         USE_FINAL_STATE_GRADIENT=dht is not None, STORE_INITIAL_STATE_GRADIENT=initial_state is not None,
         PRECISION=precision, **LAUNCH,
@@ -424,18 +425,18 @@ def efla_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, saved, do, dht):
 
 class EflaTritonFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
-        o, ht, saved = efla_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-        ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens, *saved[:-1])
+    def forward(ctx, q, k, v, beta, scale, initial_state, output_final_state, offsets):
+        o, ht, saved = efla_fwd(q, k, v, beta, scale, initial_state, output_final_state, offsets)
+        ctx.save_for_backward(q, k, v, beta, initial_state, *saved[:-1])
         ctx.table = saved[-1]
         ctx.scale = scale
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, initial_state, cu_seqlens, *saved = ctx.saved_tensors
+        q, k, v, beta, initial_state, *saved = ctx.saved_tensors
         dq, dk, dv, dbeta, dh0 = efla_bwd(
-            q, k, v, beta, ctx.scale, initial_state, cu_seqlens, (*saved, ctx.table),
+            q, k, v, beta, ctx.scale, initial_state, (*saved, ctx.table),
             do.contiguous(), None if dht is None else dht.contiguous(),
         )  # fmt: skip
         return dq, dk, dv, dbeta, None, dh0, None, None

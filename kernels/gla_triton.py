@@ -386,15 +386,16 @@ def _gla_dqk(
         tl.store(dk + (rows[:, None] * H + i_h) * K + ck[None, :], b_dk, mask=mk)
 
 
-def gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-    """Packed inputs [T, H, D]; returns o [T, H, V], final state, and what the backward needs."""
+def gla_fwd(q, k, v, g, scale, initial_state, output_final_state, offsets):
+    """Packed inputs [T, H, D], documents at host `offsets`; returns o [T, H, V], final state, and
+    what the backward needs."""
     T, H, K = k.shape
     V = v.shape[-1]
     C, S = GLA_TRITON_CHUNK, GLA_TRITON_SUB
     BK = block_size(K)
     BKs, BV = min(64, BK), min(64, block_size(V))
-    N = cu_seqlens.numel() - 1
-    table = chunk_table(cu_seqlens, C)
+    table = chunk_table(offsets, C, k.device)
+    N = table.num_sequences
     NC = table.num_chunks
     precision = dot_precision(k.dtype)
     f32 = dict(device=k.device, dtype=torch.float32)
@@ -409,7 +410,7 @@ def gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
     hs = torch.empty(NC, H, K, V, **f32)
     ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
     _gla_state[(triton.cdiv(K, BKs), triton.cdiv(V, BV), N * H)](
-        k, v, G, initial_state, hs, ht, cu_seqlens, table.seq_chunk_offset,
+        k, v, G, initial_state, hs, ht, table.cu_seqlens, table.seq_chunk_offset,
         H=H, K=K, V=V, C=C, BK=BKs, BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
         PRECISION=precision, **LAUNCH,
@@ -423,21 +424,21 @@ def gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
     return o, ht, (G, A, hs, table)
 
 
-def gla_bwd(q, k, v, g, scale, initial_state, cu_seqlens, saved, do, dht, ht):
+def gla_bwd(q, k, v, g, scale, initial_state, saved, do, dht, ht):
     T, H, K = k.shape
     V = v.shape[-1]
     C, S = GLA_TRITON_CHUNK, GLA_TRITON_SUB
     BK = block_size(K)
     BKs, BV = min(64, BK), min(64, block_size(V))
-    N = cu_seqlens.numel() - 1
     G, A, hs, table = saved
+    N = table.num_sequences
     NC = table.num_chunks
     precision = dot_precision(k.dtype)
     f32 = dict(device=k.device, dtype=torch.float32)
     dhs = torch.empty(NC, H, K, V, **f32)
     dh0 = torch.empty(N, H, K, V, **f32) if initial_state is not None else None
     _gla_state_bwd[(triton.cdiv(K, BKs), triton.cdiv(V, BV), N * H)](
-        q, G, do, dht, dh0, dhs, scale, cu_seqlens, table.seq_chunk_offset,
+        q, G, do, dht, dh0, dhs, scale, table.cu_seqlens, table.seq_chunk_offset,
         H=H, K=K, V=V, C=C, BK=BKs, BV=BV,
         USE_FINAL_STATE_GRADIENT=dht is not None, STORE_INITIAL_STATE_GRADIENT=initial_state is not None,
         PRECISION=precision, **LAUNCH,
@@ -456,7 +457,7 @@ def gla_bwd(q, k, v, g, scale, initial_state, cu_seqlens, saved, do, dht, ht):
             q, k, v, G, dA, hs, dhs, do, dq32, dk32, scale, *chunks,
             H=H, K=K, V=V, C=C, S=S, BK=BK, BV=BV, PRECISION=precision, **LAUNCH,
         )  # fmt: skip
-    dg = gate_gradient(q, k, dq32, dk32, cu_seqlens, dht, ht)
+    dg = gate_gradient(q, k, dq32, dk32, table.cu_seqlens, dht, ht)
     return dq32.to(q.dtype), dk32.to(k.dtype), dv, dg.to(g.dtype), dh0
 
 
@@ -478,18 +479,18 @@ def gate_gradient(q, k, dq, dk, cu_seqlens, dht, ht):
 
 class GlaTritonFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-        o, ht, (G, A, hs, table) = gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-        ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, G, A, hs, ht)
+    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, offsets):
+        o, ht, (G, A, hs, table) = gla_fwd(q, k, v, g, scale, initial_state, output_final_state, offsets)
+        ctx.save_for_backward(q, k, v, g, initial_state, G, A, hs, ht)
         ctx.table = table
         ctx.scale = scale
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, initial_state, cu_seqlens, G, A, hs, ht = ctx.saved_tensors
+        q, k, v, g, initial_state, G, A, hs, ht = ctx.saved_tensors
         dq, dk, dv, dg, dh0 = gla_bwd(
-            q, k, v, g, ctx.scale, initial_state, cu_seqlens, (G, A, hs, ctx.table),
+            q, k, v, g, ctx.scale, initial_state, (G, A, hs, ctx.table),
             do.contiguous(), None if dht is None else dht.contiguous(), ht,
         )  # fmt: skip
         return dq, dk, dv, dg, None, dh0, None, None

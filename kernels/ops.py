@@ -14,7 +14,7 @@ import torch
 from kernels.efla import chunk_efla
 from kernels.gla import chunk_gla
 from kernels.reference import naive_recurrent_efla, naive_recurrent_gla
-from kernels.varlen import check_cu_seqlens, check_state_count, per_document
+from kernels.varlen import batch_offsets, check_cu_seqlens, check_state_count, per_document
 
 BACKENDS = ("auto", "triton", "torch", "naive")
 TRITON_MAX_HEAD_DIM = 256
@@ -57,7 +57,7 @@ def _resolve_backend(backend: str, op: str, device: torch.device) -> str:
     return backend
 
 
-def _run_triton(op, q, k, v, gate, scale, initial_state, output_final_state, cu_seqlens):
+def _run_triton(op, q, k, v, gate, scale, initial_state, output_final_state, offsets):
     """Flatten [B, T] into one packed sequence (B documents when no cu_seqlens) and run the kernels."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -66,8 +66,6 @@ def _run_triton(op, q, k, v, gate, scale, initial_state, output_final_state, cu_
             f"{op}: backend='triton' keeps a whole key row in one tile, so Dk must be <= {TRITON_MAX_HEAD_DIM}, "
             f"got {K}; use backend='torch' or split the heads"
         )
-    if cu_seqlens is None:
-        cu_seqlens = torch.arange(B + 1, device=q.device, dtype=torch.int64) * T
     scale = K**-0.5 if scale is None else float(scale)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     o, ht = _triton_function(op).apply(
@@ -78,7 +76,7 @@ def _run_triton(op, q, k, v, gate, scale, initial_state, output_final_state, cu_
         scale,
         h0,
         output_final_state,
-        cu_seqlens.contiguous(),
+        offsets,
     )
     return o.reshape(B, T, H, V), ht
 
@@ -87,14 +85,15 @@ def _dispatch(
     op, reference, chunked, q, k, v, gate, scale, initial_state, output_final_state, cu_seqlens, backend
 ):
     chosen = _resolve_backend(backend, op, q.device)
-    if cu_seqlens is not None:
-        cu_seqlens = check_cu_seqlens(op, cu_seqlens, q.shape[0], q.shape[1])
-    check_state_count(op, initial_state, q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1)
+    packed = cu_seqlens is not None
+    B, T = q.shape[:2]
+    offsets = check_cu_seqlens(op, cu_seqlens, B, T) if packed else batch_offsets(B, T)
+    check_state_count(op, initial_state, len(offsets) - 1)
     if chosen == "triton":
-        return _run_triton(op, q, k, v, gate, scale, initial_state, output_final_state, cu_seqlens)
+        return _run_triton(op, q, k, v, gate, scale, initial_state, output_final_state, offsets)
     fn = reference if chosen == "naive" else chunked
-    if cu_seqlens is not None:
-        return per_document(fn, q, k, v, gate, scale, initial_state, output_final_state, cu_seqlens)
+    if packed:
+        return per_document(fn, q, k, v, gate, scale, initial_state, output_final_state, offsets)
     return fn(q, k, v, gate, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
 

@@ -8,14 +8,18 @@ initial and final states are `[N, H, Dk, Dv]` for N documents.
 
 from __future__ import annotations
 
+import functools
 from itertools import pairwise
 from typing import NamedTuple
 
 import torch
 
 
-def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-    """Validate `cu_seqlens` against a [B, T, ...] input and return it as int64 on the input's device."""
+def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, batch: int, length: int) -> tuple[int, ...]:
+    """Validate `cu_seqlens` against a [B, T, ...] input and return the offsets as host integers.
+
+    Reading them once here (one device sync) lets every later step index documents and build the
+    kernels' chunk tables without touching the device again."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
         raise ValueError(
             f"{op}: cu_seqlens must be a 1-D integer tensor of cumulative document offsets "
@@ -29,15 +33,19 @@ def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, batch: int, length: int)
         )
     if cu_seqlens.numel() < 2:
         raise ValueError(f"{op}: cu_seqlens needs at least two offsets [0, T], got {cu_seqlens.tolist()}")
-    offsets = cu_seqlens.to(torch.int64)
-    host = offsets.cpu()
-    if host[0].item() != 0 or host[-1].item() != length:
+    offsets = tuple(cu_seqlens.tolist())
+    if offsets[0] != 0 or offsets[-1] != length:
         raise ValueError(
-            f"{op}: cu_seqlens must start at 0 and end at T={length}, got {host[0].item()} ... {host[-1].item()}"
+            f"{op}: cu_seqlens must start at 0 and end at T={length}, got {offsets[0]} ... {offsets[-1]}"
         )
-    if bool((host[1:] < host[:-1]).any()):
-        raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got {host.tolist()}")
+    if any(b < a for a, b in pairwise(offsets)):
+        raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got {list(offsets)}")
     return offsets
+
+
+def batch_offsets(batch: int, length: int) -> tuple[int, ...]:
+    """The offsets of a [B, T] batch seen as B packed documents of length T."""
+    return tuple(n * length for n in range(batch + 1))
 
 
 def check_state_count(op: str, initial_state: torch.Tensor | None, num_sequences: int) -> None:
@@ -51,41 +59,54 @@ def check_state_count(op: str, initial_state: torch.Tensor | None, num_sequences
 class ChunkTable(NamedTuple):
     """Where every chunk of every document lies, for kernels that run one program per chunk.
 
-    chunk_start/chunk_end: first and one-past-last token of each chunk (a chunk never crosses a
-    document boundary; the last chunk of a document may be short). seq_chunk_offset[n]: index of
-    document n's first chunk, so its chunks are seq_chunk_offset[n] .. seq_chunk_offset[n + 1] - 1.
+    cu_seqlens: the document offsets [N + 1] on the device. chunk_start/chunk_end: first and
+    one-past-last token of each chunk (a chunk never crosses a document boundary; the last chunk of
+    a document may be short). seq_chunk_offset[n]: index of document n's first chunk, so its chunks
+    are seq_chunk_offset[n] .. seq_chunk_offset[n + 1] - 1.
     """
 
+    cu_seqlens: torch.Tensor  # [N + 1] int64
     chunk_start: torch.Tensor  # [NC] int32
     chunk_end: torch.Tensor  # [NC] int32
     seq_chunk_offset: torch.Tensor  # [N + 1] int32
     num_chunks: int
 
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.numel() - 1
 
-def chunk_table(cu_seqlens: torch.Tensor, chunk_size: int) -> ChunkTable:
-    offsets = cu_seqlens.to(torch.int64)
-    lengths = offsets[1:] - offsets[:-1]
-    per_seq = (lengths + chunk_size - 1) // chunk_size
-    seq_chunk_offset = torch.cat((per_seq.new_zeros(1), per_seq.cumsum(0)))
-    num_chunks = int(seq_chunk_offset[-1].item())
-    seq_of_chunk = torch.repeat_interleave(torch.arange(len(lengths), device=offsets.device), per_seq)
-    index_in_seq = torch.arange(num_chunks, device=offsets.device) - seq_chunk_offset[seq_of_chunk]
-    start = offsets[seq_of_chunk] + index_in_seq * chunk_size
-    end = torch.minimum(start + chunk_size, offsets[seq_of_chunk + 1])
+
+@functools.lru_cache(maxsize=64)
+def chunk_table(offsets: tuple[int, ...], chunk_size: int, device: torch.device) -> ChunkTable:
+    """The chunk table of documents at host `offsets`, built once per (offsets, chunk size, device):
+    every layer of a model calls the kernels with the same packing."""
+    starts, ends, seq_chunk_offset = [], [], [0]
+    for bos, eos in pairwise(offsets):
+        for start in range(bos, eos, chunk_size):
+            starts.append(start)
+            ends.append(min(start + chunk_size, eos))
+        seq_chunk_offset.append(len(starts))
+
+    def tensor(values, dtype):
+        return torch.tensor(values, dtype=dtype).to(device)
+
     return ChunkTable(
-        start.to(torch.int32), end.to(torch.int32), seq_chunk_offset.to(torch.int32), num_chunks
+        tensor(offsets, torch.int64),
+        tensor(starts, torch.int32),
+        tensor(ends, torch.int32),
+        tensor(seq_chunk_offset, torch.int32),
+        len(starts),
     )
 
 
-def per_document(fn, q, k, v, gate, scale, initial_state, output_final_state, cu_seqlens):
+def per_document(fn, q, k, v, gate, scale, initial_state, output_final_state, offsets: tuple[int, ...]):
     """Run a single-sequence op over each packed document in turn (the naive and torch backends).
 
     Each document gets its own initial state (or zeros) and returns its own final state; outputs
     are concatenated back along T.
     """
-    bounds = cu_seqlens.tolist()
     outputs, finals = [], []
-    for n, (start, end) in enumerate(pairwise(bounds)):
+    for n, (start, end) in enumerate(pairwise(offsets)):
         h0 = None if initial_state is None else initial_state[n : n + 1]
         o, ht = fn(
             q[:, start:end],

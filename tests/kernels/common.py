@@ -69,10 +69,12 @@ def run_op(op: str, backend: str, inputs: dict[str, torch.Tensor], **kwargs):
     )
 
 
-def forward_backward(op: str, backend: str, inputs: dict[str, torch.Tensor], do, dS):
-    """Output, final state and d/d(every input) of the loss (o * do).sum() + (S * dS).sum()."""
+def forward_backward(op: str, backend: str, inputs: dict[str, torch.Tensor], do, dS, **kwargs):
+    """Output, final state and d/d(every input) of the loss (o * do).sum() + (S * dS).sum().
+
+    kwargs go to the op (e.g. cu_seqlens)."""
     leaves = {name: x.detach().clone().requires_grad_(True) for name, x in inputs.items()}
-    o, S = run_op(op, backend, leaves, output_final_state=True)
+    o, S = run_op(op, backend, leaves, output_final_state=True, **kwargs)
     loss = (o * do).sum() + (S * dS).sum()
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return o.detach(), S.detach(), dict(zip(leaves, grads))
@@ -85,18 +87,22 @@ def check_backends_agree(
     grad_tols: dict[str, float] | None = None,
     backend: str = "torch",
     grad_tol: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> None:
     """Naive vs `backend` on `inputs`: output and final state within `tol`, every gradient within
-    `grad_tol` (default `tol`) or grad_tols[name] for the gradient with respect to input `name`."""
+    `grad_tol` (default `tol`) or grad_tols[name] for the gradient with respect to input `name`.
+    With cu_seqlens, inputs are packed documents and there is one final state per document."""
     B, T, H, K = inputs["q"].shape
     V = inputs["v"].shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     dtype = inputs["q"].dtype
     device = inputs["q"].device
     do = torch.randn(B, T, H, V, dtype=dtype, device=device)
-    dS = torch.randn(B, H, K, V, dtype=dtype, device=device)
-    o_ref, S_ref, g_ref = forward_backward(op, "naive", inputs, do, dS)
-    o, S, g = forward_backward(op, backend, inputs, do, dS)
+    dS = torch.randn(N, H, K, V, dtype=dtype, device=device)
+    o_ref, S_ref, g_ref = forward_backward(op, "naive", inputs, do, dS, cu_seqlens=cu_seqlens)
+    o, S, g = forward_backward(op, backend, inputs, do, dS, cu_seqlens=cu_seqlens)
     assert o.dtype == dtype
+    assert S.shape == (N, H, K, V)
     assert S.dtype == torch.promote_types(dtype, torch.float32)
     assert_rel_close(f"{op} output", o_ref, o, tol)
     assert_rel_close(f"{op} final state", S_ref, S, tol)
