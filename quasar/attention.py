@@ -13,7 +13,7 @@ from torch import nn
 
 import kernels
 from quasar.configuration import QuasarConfig
-from quasar.layers import GatedRMSNorm, ShortConv, apply_rotary
+from quasar.layers import GatedRMSNorm, Packing, ShortConv, apply_rotary
 
 State = dict[str, torch.Tensor]
 
@@ -47,14 +47,19 @@ class QuasarAttention(nn.Module):
         self.o_proj = nn.Linear(H * D, d, bias=False)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, state: State | None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        state: State | None,
+        packing: Packing | None = None,
     ) -> tuple[torch.Tensor, State]:
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         state = state or {}
-        q, q_tail = self.q_conv(self.q_proj(x), state.get("q_conv"))
-        k, k_tail = self.k_conv(self.k_proj(x), state.get("k_conv"))
-        v, v_tail = self.v_conv(self.v_proj(x), state.get("v_conv"))
+        pos = packing.doc_positions if packing is not None else None
+        q, q_tail = self.q_conv(self.q_proj(x), state.get("q_conv"), pos)
+        k, k_tail = self.k_conv(self.k_proj(x), state.get("k_conv"), pos)
+        v, v_tail = self.v_conv(self.v_proj(x), state.get("v_conv"), pos)
         q, k, v = (t.view(B, T, H, D) for t in (q, k, v))
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
@@ -63,10 +68,19 @@ class QuasarAttention(nn.Module):
             beta_logit = beta_logit + self.beta_proj(x).float()
         beta = F.softplus(beta_logit).expand(B, T, H)
         o, S = kernels.quasar_attention(
-            q, k, v, beta, initial_state=state.get("attn"), output_final_state=True, backend=self.backend
+            q,
+            k,
+            v,
+            beta,
+            initial_state=state.get("attn"),
+            output_final_state=packing is None,
+            cu_seqlens=packing.cu_seqlens if packing is not None else None,
+            backend=self.backend,
         )
         gate = self.gate_up(self.gate_down(x)).view(B, T, H, D)
         o = self.o_norm(o, gate).reshape(B, T, H * D)
+        if packing is not None:  # packed documents are whole: nothing to carry
+            return self.o_proj(o), {}
         return self.o_proj(o), {"q_conv": q_tail, "k_conv": k_tail, "v_conv": v_tail, "attn": S}
 
 
@@ -89,7 +103,9 @@ class GatedLinearAttention(nn.Module):
         self.o_norm = GatedRMSNorm(self.value_dim, eps=config.rms_norm_eps, activation="swish")
         self.o_proj = nn.Linear(H * self.value_dim, d, bias=False)
 
-    def forward(self, x: torch.Tensor, rope, state: State | None) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, x: torch.Tensor, rope, state: State | None, packing: Packing | None = None
+    ) -> tuple[torch.Tensor, State]:
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.key_dim, self.value_dim
         state = state or {}
@@ -98,7 +114,14 @@ class GatedLinearAttention(nn.Module):
         v = self.v_proj(x).view(B, T, H, V)
         g = (F.logsigmoid(self.gk_up(self.gk_down(x)).float()) / self.normalizer).view(B, T, H, K)
         o, S = kernels.gla_attention(
-            q, k, v, g, initial_state=state.get("gla"), output_final_state=True, backend=self.backend
+            q,
+            k,
+            v,
+            g,
+            initial_state=state.get("gla"),
+            output_final_state=packing is None,
+            cu_seqlens=packing.cu_seqlens if packing is not None else None,
+            backend=self.backend,
         )
         o = self.o_norm(o, self.g_proj(x).view(B, T, H, V)).reshape(B, T, H * V)
-        return self.o_proj(o), {"gla": S}
+        return self.o_proj(o), ({} if packing is not None else {"gla": S})

@@ -2,9 +2,44 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class Packing(NamedTuple):
+    """Documents packed end to end in one row (B = 1): every mixer restarts at each boundary.
+
+    cu_seqlens: [N + 1] cumulative offsets on the model's device (what the kernels take);
+    offsets: the same as host integers (read once per forward, not once per layer);
+    doc_positions: [T] position of each token within its own document (RoPE, short conv)."""
+
+    cu_seqlens: torch.Tensor
+    offsets: tuple[int, ...]
+    doc_positions: torch.Tensor
+
+    @staticmethod
+    def from_cu_seqlens(cu_seqlens: torch.Tensor, length: int, device: torch.device) -> Packing:
+        if (
+            not isinstance(cu_seqlens, torch.Tensor)
+            or cu_seqlens.dim() != 1
+            or cu_seqlens.is_floating_point()
+        ):
+            raise ValueError(
+                "cu_seqlens must be a 1-D integer tensor of cumulative document offsets [0, ..., T]"
+            )
+        offsets = tuple(int(o) for o in cu_seqlens.tolist())
+        if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != length:
+            raise ValueError(f"cu_seqlens must run from 0 to T={length}, got {list(offsets)}")
+        if any(b < a for a, b in pairwise(offsets)):
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {list(offsets)}")
+        lengths = torch.tensor([b - a for a, b in pairwise(offsets)], dtype=torch.long)
+        starts = torch.repeat_interleave(torch.tensor(offsets[:-1], dtype=torch.long), lengths).to(device)
+        positions = torch.arange(length, device=device) - starts
+        return Packing(cu_seqlens.to(device=device, dtype=torch.int32), offsets, positions)
 
 
 class RMSNorm(nn.Module):
@@ -67,14 +102,30 @@ class ShortConv(nn.Module):
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))
 
-    def forward(self, x: torch.Tensor, tail: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, tail: torch.Tensor | None, doc_positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """doc_positions: [T] position of each token within its document, for packed documents
+        (B = 1, no tail): taps that would reach into the previous document read zeros instead."""
         B, _, C = x.shape
+        if doc_positions is not None:
+            return self._packed(x, doc_positions), x.new_zeros(B, 0, C)
         if tail is None:
             tail = x.new_zeros(B, self.kernel_size - 1, C)
         xx = torch.cat((tail.to(x.dtype), x), dim=1)  # [B, K-1+T, C]
         y = F.conv1d(xx.transpose(1, 2), self.weight[:, None, :].to(x.dtype), groups=C)
         new_tail = xx[:, xx.shape[1] - (self.kernel_size - 1) :]
         return F.silu(y.transpose(1, 2)), new_tail
+
+    def _packed(self, x: torch.Tensor, doc_positions: torch.Tensor) -> torch.Tensor:
+        K, T = self.kernel_size, x.shape[1]
+        w = self.weight.to(x.dtype)
+        y = x * w[:, K - 1]
+        for shift in range(1, min(K, T + 1)):
+            shifted = F.pad(x[:, : T - shift], (0, 0, shift, 0))
+            keep = (doc_positions >= shift).to(x.dtype)[None, :, None]
+            y = y + shifted * keep * w[:, K - 1 - shift]
+        return F.silu(y)
 
 
 class SwiGLU(nn.Module):

@@ -22,6 +22,7 @@ segment_size - 1 rows), so a stream cut at any position continues exactly.
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +57,18 @@ class LatentMemory(nn.Module):
             "partial_log_saliency": torch.zeros(batch_size, 0, device=device, dtype=torch.float32),
         }
 
-    def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
-        """x: pre-normed hidden states [B, T, d]. Returns (gated read [B, T, d], new state)."""
+    def forward(
+        self, x: torch.Tensor, state: State | None, doc_offsets: tuple[int, ...] | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """x: pre-normed hidden states [B, T, d]. Returns (gated read [B, T, d], new state).
+
+        doc_offsets: cumulative offsets of packed documents (B = 1, no state): each document gets a
+        fresh memory of its own, exactly as if it were run alone. The returned state is empty."""
+        if doc_offsets is not None:
+            if state is not None:
+                raise ValueError("packed documents (doc_offsets) start from a fresh memory: pass state=None")
+            parts = [self(x[:, a:b], None)[0] for a, b in pairwise(doc_offsets) if b > a]
+            return (torch.cat(parts, dim=1) if parts else x.new_zeros(x.shape)), {}
         B, T, _ = x.shape
         S, m = self.segment_size, self.dim
         if state is None:

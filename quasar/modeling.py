@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -29,7 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from quasar.attention import GatedLinearAttention, QuasarAttention
 from quasar.configuration import QuasarConfig
-from quasar.layers import GatedRMSNorm, RMSNorm, ShortConv, SwiGLU, rotary_cos_sin
+from quasar.layers import GatedRMSNorm, Packing, RMSNorm, ShortConv, SwiGLU, rotary_cos_sin
 from quasar.memory import LatentMemory
 from quasar.moe import RouterBalance, SMEBUMoE
 
@@ -138,13 +139,17 @@ class QuasarBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         state: State | None,
         router_bias: torch.Tensor | None,
+        packing: Packing | None = None,
     ) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         state = state or {}
         x = self.mixer_norm(h)
-        y, mixer_state = self.mixer(x, rope, state.get("mixer"))
+        y, mixer_state = self.mixer(x, rope, state.get("mixer"), packing)
         new_state: State = {"mixer": mixer_state}
         if self.memory is not None:
-            read, new_state["memory"] = self.memory(x, state.get("memory"))
+            if packing is None:
+                read, new_state["memory"] = self.memory(x, state.get("memory"))
+            else:
+                read, new_state["memory"] = self.memory(x, None, doc_offsets=packing.offsets)
             y = y + read
         h = h + self.residual_scale * self.mixer_out_norm(y)
         x = self.ffn_norm(h)
@@ -173,7 +178,7 @@ class QuasarPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     _no_split_modules = ["QuasarBlock"]
     _keep_in_fp32_modules = ["router_balance"]
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -248,6 +253,9 @@ class QuasarModel(QuasarPreTrainedModel):
         self.anchor_grad_scale = GradScale(grad_scale)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self._router_token_counts: torch.Tensor | None = None
+        # Activation checkpointing per block (`gradient_checkpointing_enable()` sets it): recompute
+        # each block in backward instead of keeping its activations.
+        self.gradient_checkpointing = False
         self.post_init()
 
     @property
@@ -267,8 +275,12 @@ class QuasarModel(QuasarPreTrainedModel):
         past_key_values: QuasarCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
+        """cu_seqlens: cumulative offsets [N + 1] of N documents packed in one row (batch size 1):
+        every document runs exactly as if alone (attention, conv, memory and RoPE restart at each
+        boundary). Packed calls carry no cache."""
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -283,15 +295,31 @@ class QuasarModel(QuasarPreTrainedModel):
             )
         if past_key_values is not None and not isinstance(past_key_values, QuasarCache):
             raise TypeError(f"past_key_values must be a QuasarCache, got {type(past_key_values).__name__}")
+        T = inputs_embeds.shape[1]
+        packing = None
+        if cu_seqlens is not None:
+            if inputs_embeds.shape[0] != 1:
+                raise ValueError(
+                    f"cu_seqlens packs documents along time, so the batch size must be 1, got "
+                    f"{inputs_embeds.shape[0]}; concatenate the rows and pass their offsets"
+                )
+            if past_key_values is not None or use_cache:
+                raise ValueError(
+                    "packed documents (cu_seqlens) cannot use a cache: call with use_cache=False"
+                )
+            use_cache = False
+            packing = Packing.from_cu_seqlens(cu_seqlens, T, inputs_embeds.device)
         use_cache = cfg.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = QuasarCache(self.num_cache_layers)
 
-        T = inputs_embeds.shape[1]
         offset = past_key_values.seen_tokens if past_key_values is not None else 0
         rope = None
         if cfg.position_mode == "rope":
-            positions = torch.arange(offset, offset + T, device=inputs_embeds.device)
+            if packing is not None:
+                positions = packing.doc_positions
+            else:
+                positions = torch.arange(offset, offset + T, device=inputs_embeds.device)
             rope = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
         anchor = self.embed_norm(inputs_embeds)
@@ -305,7 +333,12 @@ class QuasarModel(QuasarPreTrainedModel):
                 row = self.moe_row_of_block[i]
                 bias = self.router_balance.bias[row] if row is not None else None
                 state = past_key_values.layers[slot] if past_key_values is not None else None
-                h, new_state, block_counts = block(h, rope, state, bias)
+                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                    h, new_state, block_counts = torch.utils.checkpoint.checkpoint(
+                        block, h, rope, state, bias, packing, use_reentrant=False
+                    )
+                else:
+                    h, new_state, block_counts = block(h, rope, state, bias, packing)
                 if past_key_values is not None:
                     past_key_values.layers[slot] = new_state
                 if block_counts is not None:
@@ -357,6 +390,7 @@ class QuasarForCausalLM(QuasarPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        cu_seqlens: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         out = self.model(
@@ -365,6 +399,7 @@ class QuasarForCausalLM(QuasarPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            cu_seqlens=cu_seqlens,
         )
         h = out.last_hidden_state
         if logits_to_keep:
@@ -372,6 +407,9 @@ class QuasarForCausalLM(QuasarPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
+            if cu_seqlens is not None:  # the first token of a document is not predicted by the previous one
+                labels = labels.clone()
+                labels[:, cu_seqlens[1:-1].long()] = -100
             loss = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                 labels[:, 1:].reshape(-1),
