@@ -16,6 +16,7 @@ import importlib
 import inspect
 import math
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,7 +54,9 @@ def local_corpus(min_chars: int = 200) -> list[str]:
             if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name
         ]
         for obj in members:
-            doc = inspect.getdoc(obj) or ""
+            with warnings.catch_warnings():  # some stdlib members warn when their docs are read
+                warnings.simplefilter("ignore")
+                doc = inspect.getdoc(obj) or ""
             for para in re.split(r"\n\s*\n", doc):
                 text = " ".join(para.split())
                 if len(text) >= min_chars and text not in seen:

@@ -1,0 +1,177 @@
+"""Where training samples and their teacher targets come from, and how they become batches.
+
+A `SampleStream` is an endless, deterministic sequence of token samples (epochs wrap around)
+with a way to get teacher targets for any of them: from the logit cache (`CacheStream`) or from a
+live teacher (`LiveStream`, optionally writing what it fetches into the cache). `step_batches`
+turns a stream into per-rank micro-batches, one optimizer step at a time, and reports the stream
+position after each step: that index is the whole data state a resumed run needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+
+import numpy as np
+
+from distill.data import Batch, Window, collate, make_window, pack_lengths
+from distill.types import KDTargets, Teacher, TopK
+
+
+class SampleStream:
+    """Samples by global index (index i is sample i mod N of epoch i // N when the source is finite)."""
+
+    def iter_tokens(self, start: int) -> Iterator[tuple[int, np.ndarray]]:
+        raise NotImplementedError
+
+    def targets(self, items: list[tuple[int, np.ndarray]]) -> list[KDTargets]:
+        raise NotImplementedError
+
+
+class ListStream(SampleStream):
+    """A finite list of samples with a function that fetches targets for a group of them."""
+
+    def __init__(self, samples: list[np.ndarray], fetch: Callable[[list[np.ndarray]], list[TopK]]):
+        if not samples:
+            raise ValueError("no training samples: the data sources produced no text with at least 2 tokens")
+        self.samples, self.fetch = samples, fetch
+
+    def iter_tokens(self, start: int) -> Iterator[tuple[int, np.ndarray]]:
+        index = start
+        while True:
+            yield index, self.samples[index % len(self.samples)]
+            index += 1
+
+    def targets(self, items: list[tuple[int, np.ndarray]]) -> list[KDTargets]:
+        tokens = [t for _, t in items]
+        return [KDTargets.from_topk(t, topk) for t, topk in zip(tokens, self.fetch(tokens), strict=True)]
+
+
+def teacher_fetcher(teacher: Teacher, k: int, batch: int = 16, on_result=None):
+    """fetch(samples) -> TopK list, calling the teacher `batch` samples at a time; `on_result(tokens,
+    topk)` sees every result (e.g. to write it into the cache)."""
+
+    def fetch(samples: list[np.ndarray]) -> list[TopK]:
+        out: list[TopK] = []
+        for i in range(0, len(samples), batch):
+            group = samples[i : i + batch]
+            results = teacher.topk([s.tolist() for s in group], k)
+            if len(results) != len(group):
+                raise RuntimeError(f"teacher returned {len(results)} results for {len(group)} samples")
+            for tokens, topk in zip(group, results, strict=True):
+                if topk.length != len(tokens):
+                    raise RuntimeError(
+                        f"teacher returned {topk.length} rows for a {len(tokens)}-token sample"
+                    )
+                if on_result is not None:
+                    on_result(tokens, topk)
+            out.extend(results)
+        return out
+
+    return fetch
+
+
+@dataclass
+class StepData:
+    batches: list[Batch]  # this rank's micro-batches for one optimizer step
+    position: int  # stream index after the step (the same on every rank)
+    samples: int  # samples consumed by the step across all ranks
+
+
+def step_batches(
+    stream: SampleStream,
+    *,
+    seq_len: int,
+    batch_size: int,
+    grad_accum: int,
+    start: int,
+    rank: int = 0,
+    world: int = 1,
+    pad_id: int = 0,
+) -> Iterator[StepData]:
+    """Every rank packs the whole stream the same way (lengths only) and fetches targets only for
+    its own batches: batch j of a step belongs to rank j % world."""
+    per_step = grad_accum * world
+    token_iter = stream.iter_tokens(start)
+    pending: list[tuple[int, np.ndarray]] = []
+    position = start
+
+    def windows() -> Iterator[list[tuple[int, np.ndarray]]]:
+        nonlocal pending
+        used = 0
+        for index, tokens in token_iter:
+            if len(tokens) > seq_len:
+                raise ValueError(
+                    f"sample {index} has {len(tokens)} tokens, more than seq_len={seq_len}; lower sample_len"
+                )
+            if used + len(tokens) > seq_len:
+                yield pending
+                pending, used = [], 0
+            pending.append((index, tokens))
+            used += len(tokens)
+
+    window_iter = windows()
+    while True:
+        groups = [list(islice(window_iter, batch_size)) for _ in range(per_step)]
+        mine = groups[rank::world]
+        batches = []
+        for group in mine:
+            built: list[Window] = []
+            for items in group:
+                targets = stream.targets(items)
+                built.append(
+                    make_window(
+                        [(t, tg) for (_, t), tg in zip(items, targets, strict=True)],
+                        seq_len,
+                        pad_id,
+                        items[0][0],
+                    )
+                )
+            batches.append(collate(built))
+        end = groups[-1][-1][-1][0] + 1
+        yield StepData(batches, end, end - position)
+        position = end
+
+
+def take_samples(stream: SampleStream, start: int, count: int) -> list[tuple[int, np.ndarray]]:
+    return list(islice(stream.iter_tokens(start), count))
+
+
+__all__ = ["ListStream", "SampleStream", "StepData", "pack_lengths", "step_batches", "teacher_fetcher"]
+
+
+class CacheStream(SampleStream):
+    """Samples [begin, end) of a logit cache in its global order, epoch after epoch (global index i is
+    cache sample begin + i mod (end - begin)). Held-out samples are a separate range, never trained on."""
+
+    def __init__(self, reader, begin: int = 0, end: int | None = None):
+        total = len(reader)
+        end = total if end is None else min(end, total)
+        if end - begin <= 0:
+            raise ValueError(
+                f"the logit cache at {reader.cache.path} has {total} samples, none in [{begin}, {end}): "
+                "fill it with python -m distill cache (or lower --data.eval_samples)"
+            )
+        self.reader, self.begin, self.size = reader, begin, end - begin
+        self._pending: dict[int, KDTargets] = {}
+
+    def iter_tokens(self, start: int) -> Iterator[tuple[int, np.ndarray]]:
+        epoch, offset = divmod(start, self.size)
+        while True:
+            for index, sample in self.reader.iter_samples(self.begin + offset):
+                local = index - self.begin
+                if local >= self.size:
+                    break
+                global_index = epoch * self.size + local
+                self._pending[global_index] = sample.kd_targets()
+                yield global_index, sample.tokens
+            epoch, offset = epoch + 1, 0
+
+    def targets(self, items: list[tuple[int, np.ndarray]]) -> list[KDTargets]:
+        out = [self._pending.pop(index) for index, _ in items]
+        # Samples read ahead for packing but owned by another rank are never asked for: drop them.
+        oldest = items[0][0]
+        for stale in [i for i in self._pending if i < oldest]:
+            del self._pending[stale]
+        return out

@@ -1,0 +1,478 @@
+"""`VllmServerTeacher`: top-k prompt logprobs from a running vLLM OpenAI-compatible server.
+
+Production teachers run vLLM in their own container; this client sends token ids (never text) to
+POST /v1/completions with `prompt_logprobs=k`, several prompts per request, a bounded number of
+requests in flight, and retries only where retrying can help (connection errors, timeouts, 5xx).
+
+Response facts this parser relies on (vLLM 0.11 .. 0.33): `choices[i].prompt_logprobs` has one entry
+per prompt token; entry 0 is null; the others map the token id *as a string* to
+{logprob, rank, decoded_token}; -inf is written as -9999.0; the actual prompt token is listed with
+its true rank, so an entry holds k or k + 1 candidates (fewer when the vocabulary is smaller than k).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import re
+import threading
+import weakref
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+
+from distill.teachers.base import TeacherError, check_k, check_sequences, select_topk, topk_from_rows
+from distill.types import TopK
+
+T = TypeVar("T")
+
+START_HINT = (
+    "python -m vllm.entrypoints.openai.api_server --model MODEL --served-model-name NAME "
+    "--max-logprobs {k}   (or `vllm serve MODEL --max-logprobs {k}`; on CPU see distill.teachers.local_server)"
+)
+
+
+# -- response parsing (pure functions, unit-tested on hand-written JSON) -------------------------------
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def parse_prompt_logprobs(entries: Any, prompt: list[int], k: int, where: str = "prompt") -> TopK:
+    """One choice's `prompt_logprobs` list -> `TopK` for `prompt` (validated; TeacherError otherwise)."""
+    if not isinstance(entries, list):
+        raise TeacherError(f"{where}: prompt_logprobs is {type(entries).__name__}, expected a list")
+    if len(entries) != len(prompt):
+        raise TeacherError(
+            f"{where}: {len(entries)} prompt_logprobs entries for a prompt of {len(prompt)} tokens "
+            "(the server must return one entry per prompt token)"
+        )
+    rows: list[tuple[list[int], list[float]] | None] = []
+    for t, entry in enumerate(entries):
+        if t == 0:
+            if entry is not None:
+                raise TeacherError(f"{where}: entry 0 should be null (nothing precedes the first token)")
+            rows.append(None)
+            continue
+        if not isinstance(entry, dict) or not entry:
+            raise TeacherError(f"{where}: entry {t} is {entry!r:.80}, expected a non-empty object")
+        parsed: list[tuple[int, float, int]] = []
+        for key, val in entry.items():
+            try:
+                tid = int(key)
+            except (TypeError, ValueError):
+                raise TeacherError(f"{where}: entry {t} has a non-integer token key {key!r}") from None
+            if not isinstance(val, dict) or not _is_number(val.get("logprob")):
+                raise TeacherError(f"{where}: entry {t}, token {tid}: no numeric logprob in {val!r:.80}")
+            lp, rank = float(val["logprob"]), val.get("rank")
+            if not math.isfinite(lp):  # -inf arrives as -9999; anything non-finite is corrupt
+                raise TeacherError(f"{where}: entry {t}, token {tid}: non-finite logprob {lp}")
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+                raise TeacherError(f"{where}: entry {t}, token {tid}: invalid rank {rank!r}")
+            parsed.append((tid, lp, rank))
+        if not any(tid == prompt[t] for tid, _, _ in parsed):
+            # vLLM always lists the actual token: without it, this entry belongs to another prompt.
+            raise TeacherError(
+                f"{where}: entry {t} does not list the prompt token {prompt[t]}; response misaligned with the request"
+            )
+        rows.append(select_topk(parsed, k))
+    return topk_from_rows(rows, k)
+
+
+def parse_completion_response(body: Any, prompts: list[list[int]], k: int) -> list[TopK]:
+    """A /v1/completions JSON body for `prompts` (a list of token-id lists) -> one `TopK` per prompt."""
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+        raise TeacherError(f"response has no 'choices' list: {str(body)[:200]}")
+    choices = body["choices"]
+    if len(choices) != len(prompts):
+        raise TeacherError(f"response has {len(choices)} choices for {len(prompts)} prompts")
+    out: list[TopK | None] = [None] * len(prompts)
+    for pos, choice in enumerate(choices):
+        idx = choice.get("index", pos) if isinstance(choice, dict) else None
+        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(prompts):
+            raise TeacherError(f"choice {pos} has an invalid index {idx!r} (expected 0..{len(prompts) - 1})")
+        if out[idx] is not None:
+            raise TeacherError(f"two choices carry index {idx}")
+        echoed = choice.get("prompt_token_ids")
+        if echoed is not None and list(echoed) != prompts[idx]:
+            raise TeacherError(f"choice {idx}: prompt_token_ids differ from the prompt sent")
+        out[idx] = parse_prompt_logprobs(choice.get("prompt_logprobs"), prompts[idx], k, f"choice {idx}")
+    return out  # type: ignore[return-value]
+
+
+def _error_message(text: str) -> str:
+    try:
+        body = json.loads(text)
+        err = body.get("error", body) if isinstance(body, dict) else body
+        msg = err.get("message") if isinstance(err, dict) else None
+        return str(msg or err)[:500]
+    except (ValueError, AttributeError):
+        return text.strip()[:500] or "(empty body)"
+
+
+# -- the client --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LoopState:
+    """aiohttp sessions and semaphores belong to one event loop; keep one set per loop."""
+
+    session: aiohttp.ClientSession
+    semaphore: asyncio.Semaphore
+
+
+class _BackgroundLoop:
+    """An event loop in a daemon thread, for sync calls from any thread (even one running a loop)."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        with self._lock:
+            if self.loop is None:
+                self.loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self.loop.run_forever, name="vllm-client", daemon=True)
+                self._thread.start()
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise TeacherError("the sync topk() was called from the teacher's own event loop; use atopk()")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        with self._lock:
+            loop, thread, self.loop, self._thread = self.loop, self._thread, None, None
+        if loop is not None and thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+            if not thread.is_alive():
+                loop.close()
+
+
+class VllmServerTeacher:
+    """Client of a vLLM OpenAI-compatible server (`atopk` async, `topk` sync; see module docstring).
+
+    `model` is the served model name (None: the server's only model). `request_batch` prompts (and at
+    most `max_request_tokens` tokens) go in one request; `max_concurrency` requests are in flight.
+    Each attempt has `timeout_s`; connection errors, timeouts and 5xx are retried `retries` times
+    with exponential backoff from `backoff_s`. `vocab_size` defaults to the served model's config
+    (read from its directory when the server runs on this machine) or is probed from the server.
+    """
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        model: str | None = None,
+        *,
+        max_concurrency: int = 8,
+        request_batch: int = 8,
+        max_request_tokens: int = 65536,
+        timeout_s: float = 600.0,
+        retries: int = 3,
+        backoff_s: float = 1.0,
+        vocab_size: int | None = None,
+        revision: str | None = None,
+        api_key: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        if max_concurrency < 1 or request_batch < 1 or max_request_tokens < 1:
+            raise TeacherError("max_concurrency, request_batch and max_request_tokens must be positive")
+        if timeout_s <= 0 or retries < 0 or backoff_s < 0:
+            raise TeacherError("timeout_s must be positive; retries and backoff_s must not be negative")
+        self.url = url.rstrip("/")
+        if self.url.endswith("/v1"):
+            self.url = self.url[:-3]
+        self.model = model
+        self.max_concurrency = max_concurrency
+        self.request_batch = request_batch
+        self.max_request_tokens = max_request_tokens
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.revision = revision
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._name = name
+        self._vocab_size = vocab_size
+        self._root: str | None = None
+        self.max_model_len: int | None = None
+        self._ready = False
+        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._background = _BackgroundLoop()
+
+    # -- identity ------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """`vllm-server:<served model name>[@revision]`: serve a model under its hub id (vLLM's default) or
+        set `name`, since the logit cache keys on this. Needs the server only when `model` is None."""
+        if self._name is None:
+            if self.model is None:
+                self._sync(self._aensure_ready())
+            self._name = f"vllm-server:{self.model}" + (f"@{self.revision}" if self.revision else "")
+        return self._name
+
+    @property
+    def vocab_size(self) -> int:
+        """Given, else read from the served model's directory when it is on this machine, else probed
+        from the server (on first access; `isinstance(t, Teacher)` reads it before Python 3.12)."""
+        if self._vocab_size is None:
+            self._vocab_size = self._sync(self._aresolve_vocab_size())
+        return self._vocab_size
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def topk(self, sequences: list[list[int]], k: int) -> list[TopK]:
+        """Sync `atopk`; runs on a private event-loop thread, so it works inside async code too."""
+        return self._sync(self.atopk(sequences, k))
+
+    async def atopk(self, sequences: list[list[int]], k: int) -> list[TopK]:
+        k = check_k(k)
+        seqs = check_sequences(sequences)
+        await self._aensure_ready(k)
+        limit = None if self.max_model_len is None else self.max_model_len - 1  # one slot for max_tokens=1
+        for i, s in enumerate(seqs):
+            if limit is not None and len(s) > limit:
+                raise TeacherError(
+                    f"sequence {i} has {len(s)} tokens; the server's max model length is {self.max_model_len} "
+                    f"(prompts up to {limit} tokens, one slot is the generated token). Restart vLLM with "
+                    f"--max-model-len {len(s) + 1} or more, or split the sequence"
+                )
+        out: list[TopK | None] = [TopK.empty_rows(len(s), k) if len(s) <= 1 else None for s in seqs]
+        groups = self._groups([i for i, s in enumerate(seqs) if len(s) > 1], seqs)
+        tasks = [asyncio.ensure_future(self._arequest_group(g, seqs, k)) for g in groups]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:  # one failure fails the call: stop the rest
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        for group, topks in zip(groups, results):
+            for i, tk in zip(group, topks):
+                out[i] = tk
+        return out  # type: ignore[return-value]
+
+    async def aclose(self) -> None:
+        """Close the HTTP session of the running event loop (the one `atopk` used here)."""
+        state = self._states.pop(asyncio.get_running_loop(), None)
+        if state is not None:
+            await state.session.close()
+
+    def close(self) -> None:
+        """Close every HTTP session and stop the private event-loop thread."""
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for loop, state in list(self._states.items()):
+            self._states.pop(loop, None)
+            if loop.is_closed():
+                continue
+            if loop is self._background.loop:
+                asyncio.run_coroutine_threadsafe(state.session.close(), loop).result(timeout=10)
+            elif loop is current:
+                loop.create_task(state.session.close())
+            elif loop.is_running():
+                asyncio.run_coroutine_threadsafe(state.session.close(), loop).result(timeout=10)
+            else:
+                loop.run_until_complete(state.session.close())
+        self._background.stop()
+
+    def __enter__(self) -> VllmServerTeacher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> VllmServerTeacher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"VllmServerTeacher(url={self.url!r}, model={self.model!r})"
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._background.run(coro)
+
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._states.get(loop)
+        if state is None or state.session.closed:
+            session = aiohttp.ClientSession(headers=self._headers, connector=aiohttp.TCPConnector(limit=0))
+            state = self._states[loop] = _LoopState(session, asyncio.Semaphore(self.max_concurrency))
+        return state
+
+    def _groups(self, order: list[int], seqs: list[list[int]]) -> list[list[int]]:
+        groups: list[list[int]] = []
+        cur: list[int] = []
+        tokens = 0
+        for i in order:
+            n = len(seqs[i])
+            if cur and (len(cur) >= self.request_batch or tokens + n > self.max_request_tokens):
+                groups.append(cur)
+                cur, tokens = [], 0
+            cur.append(i)
+            tokens += n
+        if cur:
+            groups.append(cur)
+        return groups
+
+    async def _arequest_group(self, group: list[int], seqs: list[list[int]], k: int) -> list[TopK]:
+        prompts = [seqs[i] for i in group]
+        payload = {
+            "model": self.model,
+            "prompt": prompts,
+            "max_tokens": 1,
+            "temperature": 0,
+            "prompt_logprobs": k,
+        }
+        body = await self._arequest("POST", "/v1/completions", payload, k=k)
+        return parse_completion_response(body, prompts, k)
+
+    async def _arequest(self, method: str, path: str, payload: Any = None, *, k: int | None = None) -> Any:
+        """One HTTP call with retries on connection errors, timeouts and 5xx (never on 4xx)."""
+        state = self._state()
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        attempts = self.retries + 1
+        failure = ""
+        kind = ""
+        for attempt in range(attempts):
+            try:
+                async with (
+                    state.semaphore,
+                    state.session.request(method, self.url + path, json=payload, timeout=timeout) as resp,
+                ):
+                    status, text = resp.status, await resp.text()
+            except asyncio.TimeoutError:  # before ClientError: aiohttp's timeouts are both
+                kind, failure = "timeout", f"no response within {self.timeout_s:g} s"
+            except aiohttp.ClientConnectorError as exc:
+                kind, failure = "connect", str(exc)
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                kind, failure = "connection", f"{type(exc).__name__}: {exc}"
+            else:
+                if status < 400:
+                    try:
+                        return json.loads(text)
+                    except ValueError:
+                        raise TeacherError(
+                            f"vLLM server at {self.url}{path} returned invalid JSON: {text[:200]!r}"
+                        ) from None
+                if status < 500:
+                    raise self._client_error(status, _error_message(text), path, k)
+                kind, failure = "server", f"HTTP {status}: {_error_message(text)}"
+            if attempt + 1 < attempts:
+                # exponential backoff with jitter, so retries of many requests do not arrive together
+                await asyncio.sleep(self.backoff_s * 2**attempt * random.uniform(0.75, 1.25))
+        if kind == "connect":
+            raise TeacherError(
+                f"cannot reach vLLM server at {self.url} ({failure}; {attempts} attempts). Start it with: "
+                + START_HINT.format(k=k or 128)
+            )
+        if kind == "timeout":
+            raise TeacherError(
+                f"vLLM server at {self.url}{path}: {failure} ({attempts} attempts). Raise timeout_s, lower "
+                "request_batch/max_request_tokens, or check the server's log"
+            )
+        raise TeacherError(
+            f"vLLM server at {self.url}{path} failed {attempts} times, last: {failure}. Check the server's log"
+        )
+
+    def _client_error(self, status: int, message: str, path: str, k: int | None) -> TeacherError:
+        limit = re.search(r"max allowed:\s*(\d+)", message)
+        if limit:
+            return TeacherError(
+                f"k={k} is above the vLLM server's limit of {limit.group(1)} logprobs ({message}). Restart the "
+                f"server with --max-logprobs {k} (or higher), or use k <= {limit.group(1)}"
+            )
+        if "context length" in message or "max_tokens must be at least" in message:
+            return TeacherError(
+                f"a prompt is too long for the vLLM server's max model length ({message}). Restart the server "
+                "with a larger --max-model-len, or split the sequences"
+            )
+        if status == 404 and "model" in message.lower():
+            return TeacherError(
+                f"model {self.model!r} is not served at {self.url} ({message}); set the teacher model to the "
+                "server's --served-model-name"
+            )
+        if status in (401, 403):
+            return TeacherError(f"vLLM server at {self.url} refused the request (HTTP {status}): set api_key")
+        return TeacherError(
+            f"vLLM server at {self.url}{path} rejected the request (HTTP {status}): {message}"
+        )
+
+    async def _aensure_ready(self, k: int | None = None) -> None:
+        """Confirm once that the server serves `model` (and learn its max model length)."""
+        if self._ready:
+            return
+        body = await self._arequest("GET", "/v1/models", k=k)
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise TeacherError(f"{self.url}/v1/models did not return a model list: {str(body)[:200]}")
+        served = {m.get("id"): m for m in data if isinstance(m, dict)}
+        if self.model is None:
+            if len(served) != 1:
+                raise TeacherError(
+                    f"vLLM server at {self.url} serves {sorted(map(str, served))}; set the teacher model to one"
+                )
+            self.model = next(iter(served))
+        if self.model not in served:
+            raise TeacherError(
+                f"vLLM server at {self.url} does not serve {self.model!r}; it serves {sorted(map(str, served))}. "
+                "Set the teacher model to one of these (vLLM's --served-model-name)"
+            )
+        info = served[self.model]
+        self._root = info.get("root") or self.model
+        mml = info.get("max_model_len")
+        self.max_model_len = int(mml) if _is_number(mml) else None
+        self._ready = True
+
+    async def _aresolve_vocab_size(self) -> int:
+        await self._aensure_ready()
+        config = Path(str(self._root)) / "config.json"
+        if config.is_file():  # the server runs here from a local directory
+            cfg = json.loads(config.read_text())
+            size = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+            if isinstance(size, int):
+                return size
+        return await self._aprobe_vocab_size()
+
+    async def _aprobe_vocab_size(self) -> int:
+        """Smallest id the server rejects as out of vocabulary (bisection over 1-token prompts)."""
+
+        async def valid(token_id: int) -> bool:
+            try:
+                await self._arequest(
+                    "POST", "/v1/completions", {"model": self.model, "prompt": [token_id], "max_tokens": 1}
+                )
+            except TeacherError as exc:
+                if "out of vocabulary" in str(exc):
+                    return False
+                raise
+            return True
+
+        lo, hi = 0, 1024  # lo is valid; find an invalid hi
+        while await valid(hi):
+            lo, hi = hi, hi * 2
+            if hi > 2**26:
+                raise TeacherError(f"cannot determine the vocabulary size of {self.model!r}; set vocab_size")
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if await valid(mid):
+                lo = mid
+            else:
+                hi = mid
+        return hi
