@@ -122,10 +122,20 @@ class DistillStep(nn.Module):
         super().__init__()
         self.student, self.loss_config = student, loss
 
-    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, targets: KDTargets):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        targets: KDTargets,
+        per_position: bool = False,
+    ):
+        """The training loss, or (per_position=True, for evaluation) the per-position KL [N].
+        Evaluation goes through this forward too, so a sharded (FSDP) student gathers its weights."""
         hidden = self.student.model(
             input_ids=input_ids, cu_seqlens=cu_seqlens, use_cache=False
         ).last_hidden_state
+        if per_position:
+            return per_position_kl(hidden[0], self.student.lm_head.weight, targets)
         return distillation_loss(hidden[0], self.student.lm_head.weight, targets, self.loss_config)
 
 
@@ -200,6 +210,7 @@ def save_training_checkpoint(
     state: dict[str, Any],
     keep: int,
     tokenizer_dir: str | None,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """step-N/{config.json, model.safetensors, trainer_state.pt}: written into a temporary
     directory, fsynced, renamed, then the `latest` pointer is replaced atomically."""
@@ -208,7 +219,7 @@ def save_training_checkpoint(
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(student, tmp)
+    save_checkpoint(student, tmp, state_dict=model_state)
     if tokenizer_dir:
         _copy_tokenizer(Path(tokenizer_dir), tmp)
     with open(tmp / STATE_FILE, "wb") as f:
@@ -286,7 +297,7 @@ def _all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_kl(student: QuasarForCausalLM, batches: list, device: torch.device, autocast) -> float:
+def evaluate_kl(step_module: nn.Module, student: QuasarForCausalLM, batches: list, device, autocast) -> float:
     """Mean per-position KL(teacher || student) (tail-bucket form, T = 1) over held-out batches."""
     was_training = student.training
     student.eval()
@@ -294,10 +305,7 @@ def evaluate_kl(student: QuasarForCausalLM, batches: list, device: torch.device,
     for batch in batches:
         batch = batch.to(device)
         with autocast():
-            hidden = student.model(
-                input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, use_cache=False
-            ).last_hidden_state
-        kl = per_position_kl(hidden[0], student.lm_head.weight, batch.targets)
+            kl = step_module(batch.input_ids, batch.cu_seqlens, batch.targets, per_position=True)
         mask = batch.targets.mask
         total += float(kl[mask].double().sum())
         count += int(mask.sum())
@@ -389,7 +397,14 @@ def train(
                 f"{resume_from} was written by {state['world']} processes, this run has {d.world}: "
                 "resume with the same number of processes"
             )
-        optimizer.load_state_dict(state["optimizer"])
+        if use_fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(
+                student, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+            )
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, position = state["step"], state["position"]
         _set_rng_state(state["rng"][d.rank])
@@ -443,7 +458,7 @@ def train(
 
     last_eval = None
     if step == 0 and eval_batches:
-        last_eval = evaluate_kl(student, eval_batches, device, autocast)
+        last_eval = evaluate_kl(step_module, student, eval_batches, device, autocast)
         metrics.write({"step": 0, "eval_kl": last_eval})
 
     data = step_batches(
@@ -506,7 +521,7 @@ def train(
             "position": position,
         }
         if (step % cfg.eval_every == 0 or step == cfg.steps) and eval_batches:
-            last_eval = evaluate_kl(student, eval_batches, device, autocast)
+            last_eval = evaluate_kl(step_module, student, eval_batches, device, autocast)
             record["eval_kl"] = last_eval
         if step % cfg.log_every == 0 or "eval_kl" in record or step == cfg.steps:
             metrics.write(record)
@@ -514,7 +529,9 @@ def train(
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
-            final_checkpoint = _checkpoint(cfg, out_dir, step, position, student, optimizer, scheduler, d)
+            final_checkpoint = _checkpoint(
+                cfg, out_dir, step, position, student, optimizer, scheduler, d, use_fsdp
+            )
     if progress is not None:
         progress.close()
     metrics.close()
@@ -525,25 +542,38 @@ def train(
     )
 
 
-def _checkpoint(cfg, out_dir, step, position, student, optimizer, scheduler, d: Dist) -> Path | None:
+def _checkpoint(
+    cfg, out_dir, step, position, student, optimizer, scheduler, d: Dist, use_fsdp: bool
+) -> Path | None:
     rngs = [_rng_state()]
     if d.active:
         gathered: list[Any] = [None] * d.world
         dist.all_gather_object(gathered, rngs[0])
         rngs = gathered
+    model_state = optim_state = None
+    if use_fsdp:  # gather full (unsharded) states: collectives, every rank takes part
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(student, options=options)
+        optim_state = get_optimizer_state_dict(student, optimizer, options=options)
     path = None
     if d.main:
         state = {
             "step": step,
             "position": position,
             "world": d.world,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optim_state if use_fsdp else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rngs,
             "config": cfg.model_dump(),
         }
         path = save_training_checkpoint(
-            out_dir, step, student, state, cfg.keep_checkpoints, cfg.data.tokenizer
+            out_dir, step, student, state, cfg.keep_checkpoints, cfg.data.tokenizer, model_state
         )
     if d.active:
         dist.barrier()

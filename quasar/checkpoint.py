@@ -56,14 +56,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(model: QuasarForCausalLM, path: str | Path) -> Path:
+def save_checkpoint(
+    model: QuasarForCausalLM, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
     """Write config.json + model.safetensors atomically: into a temporary sibling directory, fsynced,
-    then renamed over `path`. A crash leaves either the old checkpoint or the new one, never a mix."""
+    then renamed over `path`. A crash leaves either the old checkpoint or the new one, never a mix.
+    `state_dict` replaces the model's own tensors (e.g. the gathered full weights of a sharded model)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

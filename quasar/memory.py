@@ -42,8 +42,9 @@ class LatentMemory(nn.Module):
         self.saliency = nn.Linear(d, 1, bias=True)
         self.summary_proj = nn.Linear(d, m, bias=False)
         self.pool_query = nn.Parameter(torch.empty(m))
-        self.slot_log_temperature = nn.Parameter(torch.zeros(()))
-        self.write_rate_logit = nn.Parameter(torch.empty(()))
+        # Shape [1], not a 0-d scalar: FSDP2 cannot shard 0-d parameters.
+        self.slot_log_temperature = nn.Parameter(torch.zeros(1))
+        self.write_rate_logit = nn.Parameter(torch.empty(1))
         self.query_proj = nn.Linear(d, m, bias=False)
         self.out_proj = nn.Linear(m, d, bias=False)
         self.read_gate = nn.Linear(d, 1, bias=True)

@@ -417,8 +417,13 @@ def tiny_teacher_samples() -> list[tuple[np.ndarray, TopK]]:
 
     docs = local_corpus()
     train, held_out = docs[:-60], docs[-60:]
-    tok = train_tokenizer(train, 2048)
-    model = build_qwen3_teacher(tok, train_texts=train, train_steps=40, batch_size=4, seq_len=64)
+    tok = train_tokenizer(train, 4096)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: extra threads only thrash on a shared machine (10x slower)
+    try:
+        model = build_qwen3_teacher(tok, train_texts=train, train_steps=200, batch_size=4, seq_len=64)
+    finally:
+        torch.set_num_threads(threads)
     ids: list[int] = []
     for text in held_out:
         ids += tok(text)["input_ids"] + [tok.eos_token_id]

@@ -148,6 +148,21 @@ def test_ddp_two_gloo_ranks_match_each_other_and_one_process(workspace, cache_di
     for name in rank0:
         torch.testing.assert_close(rank0[name], single[name], atol=2e-5, rtol=1e-4, msg=name)
 
+    # FSDP2 (what the 3b-a1b preset uses) trains the same model; its checkpoint gathers full weights.
+    fsdp_out = tmp_path / "fsdp"
+    fsdp_out.mkdir()
+    args = train_args(
+        workspace, cache_dir, fsdp_out, 6, "--save_every", "6", "--data.eval_samples", "0", "--fsdp", "on"
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "distill", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    fsdp = load_checkpoint(fsdp_out / "checkpoints" / "step-00000006").state_dict()
+    for name in rank0:
+        torch.testing.assert_close(fsdp[name], rank0[name], atol=2e-5, rtol=1e-4, msg=name)
+
 
 def test_drope_stage_switch_from_a_rope_checkpoint(workspace, cache_dir, tmp_path):
     rope_run = tmp_path / "rope"
