@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from itertools import islice
 from pathlib import Path
 
 from distill.cliconfig import ConfigError, add_model_flags, build_config
 from distill.config import CacheConfig, DataConfig, TrainConfig
 from distill.data import iter_samples, iter_texts
-from distill.sources import CacheStream, ListStream, SampleStream, teacher_fetcher
+from distill.sources import CacheStream, ListStream, SampleStream, TextStream, teacher_fetcher
 from distill.types import Teacher
 
 log = logging.getLogger("distill")
@@ -165,14 +166,17 @@ def open_streams(cfg: TrainConfig, tokenizer) -> tuple[SampleStream, SampleStrea
             writer.add(tokens, topk)
 
     fetch = teacher_fetcher(teacher, cfg.k, on_result=remember)
-    samples = list(_text_samples(cfg.data, cfg.data.sources, tokenizer))
+    held_fetch = teacher_fetcher(teacher, cfg.k)
     if cfg.data.eval_sources:
-        held = list(_text_samples(cfg.data, cfg.data.eval_sources, tokenizer))[:E]
-        train_samples = samples
+        held = list(islice(_text_samples(cfg.data, cfg.data.eval_sources, tokenizer), E))
+        skip = 0
     else:
-        held, train_samples = samples[:E], samples[E:]
-    held_out = ListStream(held, teacher_fetcher(teacher, cfg.k)) if E and held else None
-    return ListStream(train_samples, fetch), held_out, closers
+        held = list(islice(_text_samples(cfg.data, cfg.data.sources, tokenizer), E))
+        skip = len(held)
+    held_out = ListStream(held, held_fetch) if E and held else None
+    # Lazy: a large or streamed corpus (hf:...) is tokenised as training reaches it.
+    train = TextStream(lambda: _text_samples(cfg.data, cfg.data.sources, tokenizer), fetch, skip=skip)
+    return train, held_out, closers
 
 
 def _only_cache_in(root: Path):

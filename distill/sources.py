@@ -48,6 +48,37 @@ class ListStream(SampleStream):
         return [KDTargets.from_topk(t, topk) for t, topk in zip(tokens, self.fetch(tokens), strict=True)]
 
 
+class TextStream(SampleStream):
+    """Samples read lazily from text (files or a streamed dataset), never all held in memory.
+
+    `make_samples()` starts a fresh pass over the samples; global index i is sample skip + i of a
+    pass (wrapping to a new pass, i.e. a new epoch, when the text runs out). Resuming at a position
+    re-tokenises the skipped samples but never asks the teacher for them again."""
+
+    def __init__(self, make_samples: Callable[[], Iterator[np.ndarray]], fetch, skip: int = 0):
+        self.make_samples, self.fetch, self.skip = make_samples, fetch, skip
+
+    def iter_tokens(self, start: int) -> Iterator[tuple[int, np.ndarray]]:
+        index, first_pass = 0, True
+        while True:
+            produced = 0
+            for tokens in islice(self.make_samples(), self.skip, None):
+                produced += 1
+                if index >= start:
+                    yield index, tokens
+                index += 1
+            if produced == 0:
+                raise ValueError(
+                    "no training samples: the data sources produced no text with at least 2 tokens"
+                    + ("" if first_pass else " after the held-out ones")
+                )
+            first_pass = False
+
+    def targets(self, items: list[tuple[int, np.ndarray]]) -> list[KDTargets]:
+        tokens = [t for _, t in items]
+        return [KDTargets.from_topk(t, topk) for t, topk in zip(tokens, self.fetch(tokens), strict=True)]
+
+
 def teacher_fetcher(teacher: Teacher, k: int, batch: int = 16, on_result=None):
     """fetch(samples) -> TopK list, calling the teacher `batch` samples at a time; `on_result(tokens,
     topk)` sees every result (e.g. to write it into the cache)."""
@@ -138,9 +169,6 @@ def take_samples(stream: SampleStream, start: int, count: int) -> list[tuple[int
     return list(islice(stream.iter_tokens(start), count))
 
 
-__all__ = ["ListStream", "SampleStream", "StepData", "pack_lengths", "step_batches", "teacher_fetcher"]
-
-
 class CacheStream(SampleStream):
     """Samples [begin, end) of a logit cache in its global order, epoch after epoch (global index i is
     cache sample begin + i mod (end - begin)). Held-out samples are a separate range, never trained on."""
@@ -175,3 +203,15 @@ class CacheStream(SampleStream):
         for stale in [i for i in self._pending if i < oldest]:
             del self._pending[stale]
         return out
+
+
+__all__ = [
+    "CacheStream",
+    "ListStream",
+    "SampleStream",
+    "StepData",
+    "TextStream",
+    "pack_lengths",
+    "step_batches",
+    "teacher_fetcher",
+]

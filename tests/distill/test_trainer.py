@@ -222,3 +222,33 @@ def test_help_lists_every_setting(capsys):
         "--config",
     ):
         assert flag in text
+
+
+def test_live_teacher_training_writes_through_to_the_cache(workspace, tmp_path):
+    from distill.cache import LogitCache
+
+    out, cache_root = tmp_path / "live", tmp_path / "cache"
+    args = [
+        "train",
+        "--teacher.kind", "hf",
+        "--teacher.model", str(workspace / "teacher"),
+        "--teacher.device", "cpu",
+        "--cache_dir", str(cache_root),
+        "--k", "16",
+        "--data.tokenizer", str(workspace / "tokenizer"),
+        "--data.sources", str(workspace / "text"),
+        "--data.sample_len", "64",
+        "--data.seq_len", "128",
+        "--data.eval_samples", "4",
+        "--steps", "3",
+        "--out_dir", str(out),
+        "--no-progress",
+    ]  # fmt: skip
+    assert main(args) == 0
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    (cache_dir,) = [p.parent for p in cache_root.glob("*/manifest.json")]
+    cache = LogitCache(cache_dir)
+    assert cache.k == 16
+    stored = cache.stats().samples
+    assert 3 <= stored <= 3 * 4  # every trained sample (up to 4 per 128-token window) was written through
