@@ -130,28 +130,31 @@ class Window:
     tokens: np.ndarray  # int32 [seq_len]
     offsets: list[int]  # document boundaries [0, ..., seq_len], padding included as a document
     targets: KDTargets  # [seq_len] rows aligned with student positions
-    first_sample: int  # stream index of the first sample in the window
-    end_sample: int  # stream index after the last sample
-    num_samples: int
 
 
-def pack_lengths(lengths: Iterable[int], seq_len: int, start: int = 0) -> Iterator[tuple[int, int]]:
-    """Greedy in-order packing: yields (first, end) sample-index ranges whose total length fits
-    seq_len. Deterministic, so packing the same stream gives the same windows."""
-    first, used, index = start, 0, start
-    for n in lengths:
-        if n > seq_len:
-            raise ValueError(f"sample {index} has {n} tokens, more than seq_len={seq_len}; lower sample_len")
-        if used + n > seq_len:
-            yield first, index
-            first, used = index, 0
-        used += n
-        index += 1
-    if index > first:
-        yield first, index
+def pack_windows(
+    items: Iterable[tuple[int, np.ndarray]], seq_len: int
+) -> Iterator[list[tuple[int, np.ndarray]]]:
+    """Greedy in-order packing of (stream index, tokens) samples into groups whose total length fits
+    seq_len; the last, partial group is yielded when a finite input ends. Deterministic, so packing
+    the same stream from the same position gives the same windows on every rank and after a resume."""
+    window: list[tuple[int, np.ndarray]] = []
+    used = 0
+    for index, tokens in items:
+        if len(tokens) > seq_len:
+            raise ValueError(
+                f"sample {index} has {len(tokens)} tokens, more than seq_len={seq_len}; lower sample_len"
+            )
+        if used + len(tokens) > seq_len:
+            yield window
+            window, used = [], 0
+        window.append((index, tokens))
+        used += len(tokens)
+    if window:
+        yield window
 
 
-def make_window(samples: list[tuple[np.ndarray, KDTargets]], seq_len: int, pad_id: int, first: int) -> Window:
+def make_window(samples: list[tuple[np.ndarray, KDTargets]], seq_len: int, pad_id: int) -> Window:
     tokens = [s for s, _ in samples]
     targets = [t for _, t in samples]
     used = sum(len(t) for t in tokens)
@@ -172,14 +175,7 @@ def make_window(samples: list[tuple[np.ndarray, KDTargets]], seq_len: int, pad_i
             )
         )
         offsets.append(seq_len)
-    return Window(
-        np.concatenate(tokens),
-        offsets,
-        KDTargets.cat(targets),
-        first,
-        first + len(samples),
-        len(samples),
-    )
+    return Window(np.concatenate(tokens), offsets, KDTargets.cat(targets))
 
 
 @dataclass
@@ -189,21 +185,9 @@ class Batch:
     input_ids: torch.Tensor  # int64 [1, L]
     cu_seqlens: torch.Tensor  # int32 [num_docs + 1]
     targets: KDTargets
-    end_sample: int  # stream position after this batch
-    num_samples: int
-
-    @property
-    def num_target_tokens(self) -> int:
-        return int(self.targets.mask.sum())
 
     def to(self, device) -> Batch:
-        return Batch(
-            self.input_ids.to(device),
-            self.cu_seqlens.to(device),
-            self.targets.to(device),
-            self.end_sample,
-            self.num_samples,
-        )
+        return Batch(self.input_ids.to(device), self.cu_seqlens.to(device), self.targets.to(device))
 
 
 def collate(windows: list[Window]) -> Batch:
@@ -215,6 +199,4 @@ def collate(windows: list[Window]) -> Batch:
         torch.from_numpy(np.concatenate([w.tokens for w in windows]).astype(np.int64))[None],
         torch.tensor(offsets, dtype=torch.int32),
         KDTargets.cat([w.targets for w in windows]),
-        windows[-1].end_sample,
-        sum(w.num_samples for w in windows),
     )

@@ -2,7 +2,7 @@
 
 A `SampleStream` is an endless, deterministic sequence of token samples (epochs wrap around)
 with a way to get teacher targets for any of them: from the logit cache (`CacheStream`) or from a
-live teacher (`LiveStream`, optionally writing what it fetches into the cache). `step_batches`
+live teacher (`TextStream`, optionally writing what it fetches into the cache). `step_batches`
 turns a stream into per-rank micro-batches, one optimizer step at a time, and reports the stream
 position after each step: that index is the whole data state a resumed run needs.
 """
@@ -15,12 +15,14 @@ from itertools import islice
 
 import numpy as np
 
-from distill.data import Batch, Window, collate, make_window, pack_lengths
+from distill.data import Batch, collate, make_window, pack_windows
 from distill.types import KDTargets, Teacher, TopK
 
 
 class SampleStream:
     """Samples by global index (index i is sample i mod N of epoch i // N when the source is finite)."""
+
+    size: int | None = None  # samples per epoch, when known
 
     def iter_tokens(self, start: int) -> Iterator[tuple[int, np.ndarray]]:
         raise NotImplementedError
@@ -36,6 +38,7 @@ class ListStream(SampleStream):
         if not samples:
             raise ValueError("no training samples: the data sources produced no text with at least 2 tokens")
         self.samples, self.fetch = samples, fetch
+        self.size = len(samples)
 
     def iter_tokens(self, start: int) -> Iterator[tuple[int, np.ndarray]]:
         index = start
@@ -107,7 +110,6 @@ def teacher_fetcher(teacher: Teacher, k: int, batch: int = 16, on_result=None):
 class StepData:
     batches: list[Batch]  # this rank's micro-batches for one optimizer step
     position: int  # stream index after the step (the same on every rank)
-    samples: int  # samples consumed by the step across all ranks
 
 
 def step_batches(
@@ -124,49 +126,31 @@ def step_batches(
     """Every rank packs the whole stream the same way (lengths only) and fetches targets only for
     its own batches: batch j of a step belongs to rank j % world."""
     per_step = grad_accum * world
-    token_iter = stream.iter_tokens(start)
-    pending: list[tuple[int, np.ndarray]] = []
-    position = start
-
-    def windows() -> Iterator[list[tuple[int, np.ndarray]]]:
-        nonlocal pending
-        used = 0
-        for index, tokens in token_iter:
-            if len(tokens) > seq_len:
-                raise ValueError(
-                    f"sample {index} has {len(tokens)} tokens, more than seq_len={seq_len}; lower sample_len"
-                )
-            if used + len(tokens) > seq_len:
-                yield pending
-                pending, used = [], 0
-            pending.append((index, tokens))
-            used += len(tokens)
-
-    window_iter = windows()
+    window_iter = pack_windows(stream.iter_tokens(start), seq_len)
     while True:
         groups = [list(islice(window_iter, batch_size)) for _ in range(per_step)]
-        mine = groups[rank::world]
-        batches = []
-        for group in mine:
-            built: list[Window] = []
-            for items in group:
-                targets = stream.targets(items)
-                built.append(
-                    make_window(
-                        [(t, tg) for (_, t), tg in zip(items, targets, strict=True)],
-                        seq_len,
-                        pad_id,
-                        items[0][0],
-                    )
-                )
-            batches.append(collate(built))
-        end = groups[-1][-1][-1][0] + 1
-        yield StepData(batches, end, end - position)
-        position = end
+        batches = [build_batch(stream, windows, seq_len, pad_id) for windows in groups[rank::world]]
+        yield StepData(batches, groups[-1][-1][-1][0] + 1)
 
 
-def take_samples(stream: SampleStream, start: int, count: int) -> list[tuple[int, np.ndarray]]:
-    return list(islice(stream.iter_tokens(start), count))
+def build_batch(
+    stream: SampleStream, windows: list[list[tuple[int, np.ndarray]]], seq_len: int, pad_id: int
+) -> Batch:
+    """Fetch the targets of packed windows' samples and lay the windows end to end in one row."""
+    built = []
+    for items in windows:
+        targets = stream.targets(items)
+        built.append(
+            make_window([(t, tg) for (_, t), tg in zip(items, targets, strict=True)], seq_len, pad_id)
+        )
+    return collate(built)
+
+
+def take_samples(stream: SampleStream, count: int) -> list[tuple[int, np.ndarray]]:
+    """The first `count` samples of one epoch (fewer when the stream holds fewer: never repeated)."""
+    if stream.size is not None:
+        count = min(count, stream.size)
+    return list(islice(stream.iter_tokens(0), count))
 
 
 class CacheStream(SampleStream):
@@ -211,7 +195,7 @@ __all__ = [
     "SampleStream",
     "StepData",
     "TextStream",
-    "pack_lengths",
+    "build_batch",
     "step_batches",
     "teacher_fetcher",
 ]

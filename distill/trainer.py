@@ -34,8 +34,9 @@ import torch.distributed as dist
 from torch import nn
 
 from distill.config import TrainConfig
+from distill.data import pack_windows
 from distill.losses import LossConfig, distillation_loss, per_position_kl
-from distill.sources import SampleStream, StepData, step_batches, take_samples
+from distill.sources import SampleStream, StepData, build_batch, step_batches, take_samples
 from distill.types import KDTargets
 from quasar import QuasarConfig, QuasarForCausalLM
 from quasar.checkpoint import load_checkpoint, save_checkpoint
@@ -414,29 +415,12 @@ def train(
         torch.manual_seed(cfg.seed + d.rank)
 
     eval_batches = []
-    if eval_count:
-        source = eval_stream
-        items = take_samples(source, 0, eval_count)
-        from distill.data import collate, make_window
-
-        windows, current, used = [], [], 0
-        for index, tokens in items:
-            if used + len(tokens) > cfg.data.seq_len and current:
-                windows.append(current)
-                current, used = [], 0
-            current.append((index, tokens))
-            used += len(tokens)
-        if current:
-            windows.append(current)
-        for group in windows:
-            targets = source.targets(group)
-            window = make_window(
-                [(t, tg) for (_, t), tg in zip(group, targets, strict=True)],
-                cfg.data.seq_len,
-                pad_id,
-                group[0][0],
-            )
-            eval_batches.append(collate([window]))
+    if eval_count:  # one window per batch, packed like training
+        held_out = take_samples(eval_stream, eval_count)
+        eval_batches = [
+            build_batch(eval_stream, [window], cfg.data.seq_len, pad_id)
+            for window in pack_windows(held_out, cfg.data.seq_len)
+        ]
 
     wandb_run = None
     if cfg.wandb_project and d.main:

@@ -134,3 +134,10 @@ def test_hf_dataset_source_without_datasets_says_what_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(DataError, match=r"pip install datasets"):
         list(iter_texts(["hf:HuggingFaceFW/fineweb-edu:sample-10BT@train"]))
+
+
+def test_held_out_samples_are_never_repeated_when_fewer_than_asked():
+    from distill.sources import take_samples
+
+    stream = make_stream([10, 20, 30])
+    assert [i for i, _ in take_samples(stream, 32)] == [0, 1, 2]
