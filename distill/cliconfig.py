@@ -61,10 +61,13 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], pre
         if _is_model(annotation):
             add_model_flags(parser, annotation, prefix=f"{dotted}.")
             continue
-        default = field.get_default(call_default_factory=True)
-        shown = default.value if hasattr(default, "value") else default
         help_text = (field.description or "").rstrip(".")
-        help_text = f"{help_text} (default: {shown!r})" if help_text else f"default: {shown!r}"
+        if field.is_required():
+            suffix = "required"
+        else:
+            default = field.get_default(call_default_factory=True)
+            suffix = f"default: {default.value if hasattr(default, 'value') else default!r}"
+        help_text = f"{help_text} ({suffix})" if help_text else suffix
         kwargs: dict[str, Any] = {"dest": dotted, "default": argparse.SUPPRESS, "help": help_text}
         if annotation is not bool:
             kwargs["metavar"] = name.upper()
