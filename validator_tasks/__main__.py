@@ -1,0 +1,5 @@
+import sys
+
+from validator_tasks.cli import main
+
+sys.exit(main())
