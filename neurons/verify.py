@@ -1,0 +1,149 @@
+"""Validator pre-checks on a downloaded submission, before any scoring time is spent on it.
+
+`verify_checkpoint` runs the checks in order of cost and stops at the first failure, returning a
+`Verdict` with a code and a reason a miner can act on:
+
+- CONFIG: config.json missing, unparsable, not Quasar, custom code, or a fixed field of the
+  competition (e.g. the teacher's vocabulary size) differs.
+- BUDGET: more parameters than the competition allows (counted on the meta device, nothing allocated).
+- BINDING: the commitment's binding is not sha256(content hash || hotkey): not this hotkey's upload.
+- WEIGHTS: no safetensors, wrong tensor names or shapes, NaN or infinite values (our strict loader).
+
+Copies are found across submissions by `find_copies`: identical content, or a near-identical
+activation fingerprint on a fixed probe (catches noise-injected copies that defeat hash checks).
+The earliest commitment owns the weights; later ones are copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from neurons.commitment import Commitment
+from neurons.store import StoreError, content_hash
+
+Code = Literal["OK", "CONFIG", "BUDGET", "BINDING", "WEIGHTS", "COPY"]
+FINGERPRINT_COSINE = 0.99999  # SN97's threshold: independent training never gets this close
+
+
+@dataclass(frozen=True)
+class Competition:
+    """What a submission must be: fields that must equal given values, and a parameter budget."""
+
+    fixed_fields: dict[str, Any] = field(default_factory=dict)
+    max_parameters: int = 3_500_000_000
+    max_download_bytes: int = 16 * 2**30
+
+
+@dataclass
+class Verdict:
+    code: Code
+    reason: str = ""
+    content_hash: str | None = None
+    parameters: int | None = None
+    model: Any = None  # the loaded model when code == "OK"
+
+    @property
+    def ok(self) -> bool:
+        return self.code == "OK"
+
+
+def verify_checkpoint(
+    path: str | Path, commitment: Commitment, hotkey: str, competition: Competition, *, device: str = "cpu"
+) -> Verdict:
+    from quasar import QuasarForCausalLM
+    from quasar.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config
+
+    path = Path(path)
+    try:
+        config = read_checkpoint_config(path)
+    except CheckpointError as e:
+        return Verdict("CONFIG", str(e))
+    wrong = [
+        f"{name} is {getattr(config, name, None)!r}, the competition requires {value!r}"
+        for name, value in competition.fixed_fields.items()
+        if getattr(config, name, None) != value
+    ]
+    if wrong:
+        return Verdict("CONFIG", "; ".join(wrong))
+    with torch.device("meta"):
+        parameters = QuasarForCausalLM(config).parameter_counts()["total"]
+    if parameters > competition.max_parameters:
+        return Verdict(
+            "BUDGET",
+            f"{parameters / 1e6:,.1f}M parameters, over the budget of {competition.max_parameters / 1e6:,.1f}M",
+            parameters=parameters,
+        )
+    try:
+        digest = content_hash(path)
+    except StoreError as e:
+        return Verdict("WEIGHTS", str(e), parameters=parameters)
+    if not commitment.binds(digest, hotkey):
+        return Verdict(
+            "BINDING",
+            "the commitment's binding does not match sha256(content hash || hotkey): "
+            "these weights were not committed by this hotkey",
+            content_hash=digest,
+            parameters=parameters,
+        )
+    try:
+        model = load_checkpoint(path, config, device=device, check_finite=True)
+    except CheckpointError as e:
+        return Verdict("WEIGHTS", str(e), content_hash=digest, parameters=parameters)
+    return Verdict("OK", content_hash=digest, parameters=parameters, model=model)
+
+
+@torch.no_grad()
+def fingerprint(model, *, probe_tokens: int = 32, vocab_sample: int = 256, seed: int = 24) -> np.ndarray:
+    """The model's centred logits on a fixed random probe, at a fixed random subset of the vocabulary,
+    flattened (probe_tokens x vocab_sample). Deterministic for given weights on a given device type."""
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    probe = torch.randint(0, vocab, (1, probe_tokens), generator=gen)
+    ids = torch.randperm(vocab, generator=gen)[: min(vocab_sample, vocab)]
+    device = next(model.parameters()).device
+    logits = model(input_ids=probe.to(device), use_cache=False).logits[0].float().cpu()
+    picked = logits[:, ids]
+    picked = picked - picked.mean(dim=1, keepdim=True)
+    return picked.flatten().double().numpy()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0 or nb == 0 or a.shape != b.shape:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+@dataclass(frozen=True)
+class Submission:
+    hotkey: str
+    block: int  # the block of its commitment
+    content_hash: str
+    fingerprint: np.ndarray | None = None
+
+
+def find_copies(submissions: Sequence[Submission], threshold: float = FINGERPRINT_COSINE) -> dict[str, str]:
+    """{copier hotkey: owner hotkey}. Earlier commitment block owns; equal blocks fall to the
+    lexicographically smaller hotkey, so every validator decides the same way."""
+    ordered = sorted(submissions, key=lambda s: (s.block, s.hotkey))
+    copies: dict[str, str] = {}
+    for i, s in enumerate(ordered):
+        for earlier in ordered[:i]:
+            if earlier.hotkey in copies:
+                continue  # compare with originals only
+            same = s.content_hash == earlier.content_hash
+            near = (
+                s.fingerprint is not None
+                and earlier.fingerprint is not None
+                and cosine(s.fingerprint, earlier.fingerprint) >= threshold
+            )
+            if same or near:
+                copies[s.hotkey] = earlier.hotkey
+                break
+    return copies
