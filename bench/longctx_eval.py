@@ -39,6 +39,7 @@ from bench.common import (  # noqa: E402
     publish_section,
     utc_now,
 )
+from validator_tasks.config import format_length  # noqa: E402
 
 SECTION = "longctx_eval"
 RESULTS = BENCH_DIR / "results"
@@ -70,7 +71,7 @@ def row_from(result, length: int) -> dict:
     summary = next(s for s in result.lengths if s.length == length)
     return {
         "length": length,
-        "status": result.status if result.status != "ok" else "ok",
+        "status": result.status,
         "message": result.message,
         "samples": len(result.samples),
         "answered": len(ok),
@@ -132,12 +133,6 @@ def measure(args: argparse.Namespace, dirs: dict[str, Path]) -> dict:
     return {"rows": rows, "sample_generation_seconds": bank.seconds}
 
 
-def fmt_len(n: int) -> str:
-    from validator_tasks.config import format_length
-
-    return format_length(n)
-
-
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -155,7 +150,7 @@ def plot(report: dict, path: Path) -> None:
     lengths = sorted({r["length"] for rs in report["rows"].values() for r in rs})
     for ax, label in ((ax_t, "seconds per sample"), (ax_m, "peak RSS (MiB)")):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [fmt_len(x) for x in lengths])
+        ax.set_xticks(lengths, [format_length(x) for x in lengths])
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -200,11 +195,11 @@ def render_section(report: dict) -> str:
                 continue
             if r["status"] != "ok":
                 lines.append(
-                    f"| {fmt_len(length)} | {model} | {r['status']}: {r['message'][:80]} | – | – | – | – |"
+                    f"| {format_length(length)} | {model} | {r['status']}: {r['message'][:80]} | – | – | – | – |"
                 )
                 continue
             lines.append(
-                f"| {fmt_len(length)} | {model} | ok | {r['seconds_per_sample']:.1f} | "
+                f"| {format_length(length)} | {model} | ok | {r['seconds_per_sample']:.1f} | "
                 f"{r['prefill_tokens_per_second']:,.0f} | {r['peak_rss_bytes'] / 2**20:,.0f} | "
                 f"{r['cache_bytes'] / 2**20:,.1f} |"
             )
@@ -218,7 +213,7 @@ def render_section(report: dict) -> str:
         )
         if q_row and b_row:
             ratios.append(
-                f"{fmt_len(length)}: time x{b_row['seconds_per_sample'] / q_row['seconds_per_sample']:.2f}, "
+                f"{format_length(length)}: time x{b_row['seconds_per_sample'] / q_row['seconds_per_sample']:.2f}, "
                 f"peak RSS x{b_row['peak_rss_bytes'] / q_row['peak_rss_bytes']:.2f}"
             )
     if ratios:

@@ -73,6 +73,7 @@ from typing import Any
 import numpy as np
 
 from distill.types import MISSING_ID, KDTargets, TopK
+from quasar.files import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ def _create_or_read_manifest(path: Path, fingerprint: dict[str, Any]) -> dict[st
             # link fails if another process created the manifest first; then theirs is compared below
             with contextlib.suppress(FileExistsError):
                 os.link(tmp, path)
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
         finally:
             os.unlink(tmp)
     return _read_manifest(path)
@@ -553,33 +554,6 @@ def _rows_from_topk(tokens: np.ndarray, topk: TopK, k: int) -> _Rows:
 
 # --------------------------------------------------------------------------------------------------
 # files
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(directory: Path, name: str, chunks: Sequence[bytes]) -> Path:
-    """Write `chunks` to directory/name atomically: temp file in the same directory, fsync, rename, fsync dir."""
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{name}-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, directory / name)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-    return directory / name
 
 
 def _list_shards(directory: Path) -> list[tuple[int, Path]]:
@@ -897,7 +871,7 @@ class CacheWriter:
         if self._journal_fd >= 0:
             os.close(self._journal_fd)
             self._journal_fd = -1
-        path = _atomic_write(self._dir, JOURNAL_NAME, chunks)
+        path = atomic_write(self._dir / JOURNAL_NAME, chunks, tmp_prefix=_TMP_PREFIX)
         self._journal_fd = os.open(path, os.O_RDWR | os.O_APPEND)
         self._journal_size = pos
         self._entries = entries
@@ -1031,7 +1005,9 @@ class CacheWriter:
             separators=(",", ":"),
         ).encode()
         prefix = _SHARD_PREFIX.pack(SHARD_MAGIC, FORMAT_VERSION, len(header), zlib.crc32(header))
-        path = _atomic_write(self._dir, _shard_name(self._next_index), [prefix, header, *blobs])
+        path = atomic_write(
+            self._dir / _shard_name(self._next_index), [prefix, header, *blobs], tmp_prefix=_TMP_PREFIX
+        )
         # a crash here leaves a journal whose shard exists: recovery sees its index and discards it
         self._next_index += 1
         self._new_journal([])

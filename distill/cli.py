@@ -22,6 +22,8 @@ def load_tokenizer(path: str):
     """A local tokenizer directory (transformers format); never runs remote code."""
     from transformers import AutoTokenizer
 
+    import quasar  # noqa: F401  (registers model_type "quasar", which AutoTokenizer reads from config.json)
+
     if not Path(path).is_dir():
         raise ConfigError(f"tokenizer directory {path!r} does not exist")
     try:

@@ -40,6 +40,7 @@ from distill.sources import SampleStream, StepData, build_batch, step_batches, t
 from distill.types import KDTargets
 from quasar import QuasarConfig, QuasarForCausalLM
 from quasar.checkpoint import load_checkpoint, save_checkpoint
+from quasar.files import atomic_write, fsync_dir
 
 log = logging.getLogger("distill.trainer")
 
@@ -184,14 +185,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def latest_checkpoint(out_dir: Path) -> Path | None:
     pointer = out_dir / "checkpoints" / LATEST_FILE
     if not pointer.exists():
@@ -227,16 +220,11 @@ def save_training_checkpoint(
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    pointer_tmp = root / f".{LATEST_FILE}.tmp"
-    pointer_tmp.write_text(final.name + "\n")
-    with open(pointer_tmp) as f:
-        os.fsync(f.fileno())
-    os.replace(pointer_tmp, root / LATEST_FILE)
-    _fsync_dir(root)
+    atomic_write(root / LATEST_FILE, final.name + "\n")
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

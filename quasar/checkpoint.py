@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from quasar.configuration import QuasarConfig
+from quasar.files import fsync_dir
 from quasar.modeling import QuasarForCausalLM
 
 # Fields that choose how the model runs, not what it is: they may differ between checkpoint and expectation.
@@ -48,14 +49,6 @@ def config_differences(found: QuasarConfig, expected: QuasarConfig) -> list[str]
     return diffs
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     model: QuasarForCausalLM, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None
 ) -> Path:
@@ -70,7 +63,7 @@ def save_checkpoint(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -78,7 +71,7 @@ def save_checkpoint(
                 shutil.rmtree(old)
             path.rename(old)
         tmp.rename(path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old)
     except BaseException:

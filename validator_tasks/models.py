@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,8 +53,9 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak CUDA memory allocated since the last reset, or this process's peak RSS on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+    from quasar.demo import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def cache_nbytes(cache: Any) -> int:
@@ -127,17 +126,14 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: str = "float32"
 
 
 def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
+    """`distill.cli.load_tokenizer` (local directory, no remote code), failing as ModelLoadError."""
+    from distill.cli import load_tokenizer as load
+    from distill.cliconfig import ConfigError
 
-    import quasar  # noqa: F401  (registers model_type "quasar", which AutoTokenizer reads from config.json)
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"tokenizer directory {str(path)!r} does not exist")
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except Exception as e:
-        raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {e}") from e
+        return load(str(path))
+    except ConfigError as e:
+        raise ModelLoadError(str(e)) from e
 
 
 def model_kind(model) -> str:

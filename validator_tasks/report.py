@@ -8,8 +8,6 @@ its planned samples, so a model cannot look better by running out of time.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,19 +153,11 @@ def summarise(records: list[SampleRecord], tasks: list[str], lengths: list[int],
 
 def write_report(report: Report, path: str | Path) -> Path:
     """Atomically: a reader sees the previous report or the new one, never half of one."""
+    from quasar.files import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(report.model_dump_json(indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, report.model_dump_json(indent=1))
 
 
 def read_report(path: str | Path) -> Report:

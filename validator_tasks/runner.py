@@ -44,9 +44,14 @@ class SampleBank:
 
     samples: dict[tuple[str, str, int, int], Sample] = field(default_factory=dict)
     seconds: float = 0.0
+    # id -> (tokenizer, key): serialising a large vocabulary takes a while, so once per tokenizer;
+    # holding the tokenizer keeps its id from being reused by another object.
+    _keys: dict[int, tuple[Any, str]] = field(default_factory=dict, repr=False)
 
     def get(self, tokenizer, task: str, length: int, seed: int) -> Sample:
-        key = (tokenizer_key(tokenizer), task, length, seed)
+        if id(tokenizer) not in self._keys:
+            self._keys[id(tokenizer)] = (tokenizer, tokenizer_key(tokenizer))
+        key = (self._keys[id(tokenizer)][1], task, length, seed)
         if key not in self.samples:
             start = time.perf_counter()
             self.samples[key] = generate(task, length, seed, tokenizer)
@@ -102,6 +107,7 @@ def evaluate(
     skipped: dict[int, str] = {}
     stop_reason = ""  # once set, nothing more is asked and the rest is recorded as not run
     status, message = "ok", ""
+    asked, score_sum = 0, 0.0  # for the progress bar's running accuracy
     total = len(cfg.lengths) * len(cfg.tasks) * len(seeds)
     bar = tqdm(total=total, desc=name[-40:], unit="sample", disable=not cfg.progress, leave=True)
     try:
@@ -162,11 +168,9 @@ def evaluate(
                                 cache_bytes=pred.cache_bytes,
                             )
                         )
+                    asked, score_sum = asked + 1, score_sum + records[-1].score
                     bar.update(1)
-                    done = [r for r in records if r.status != "not_run"]
-                    bar.set_postfix_str(
-                        f"{format_length(length)} tokens, acc {sum(r.score for r in done) / max(len(done), 1):.2f}"
-                    )
+                    bar.set_postfix_str(f"{format_length(length)} tokens, acc {score_sum / asked:.2f}")
             at_length = [r for r in records if r.length == length]
             accuracy = sum(r.score for r in at_length) / len(at_length)
             log.info("%s: %s tokens: accuracy %.3f", name, format_length(length), accuracy)
