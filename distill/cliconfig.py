@@ -141,7 +141,70 @@ def format_validation_error(error: ValidationError) -> str:
 
 def build_config(model: type[M], namespace: argparse.Namespace, yaml_path: str | None = None) -> M:
     """Defaults < YAML file < flags, validated once. Raises ConfigError with every problem listed."""
+    return build_layered_config(model, namespace, yaml_path=yaml_path)
+
+
+def _leaf_fields(model: type[BaseModel], prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
+    for name, field in model.model_fields.items():
+        annotation, _ = _unwrap_optional(field.annotation)
+        if _is_model(annotation):
+            yield from _leaf_fields(annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", annotation
+
+
+def env_name(prefix: str, dotted: str) -> str:
+    """`Q24_` + `wallet.name` -> `Q24_WALLET__NAME` (a double underscore separates sections)."""
+    return prefix + dotted.upper().replace(".", "__")
+
+
+def env_overrides(model: type[BaseModel], prefix: str, environ: typing.Mapping[str, str]) -> dict[str, Any]:
+    """{dotted field: value} for every leaf field of `model` set in `environ` as `env_name(prefix, field)`.
+    Text fields keep the raw string; others are read as a YAML scalar or list (`24`, `true`, `[a, b]`)
+    and validated with everything else. Unknown variables under `prefix` are an error, so a typo is
+    not silently ignored."""
+    import yaml
+
+    fields = dict(_leaf_fields(model))
+    known = {env_name(prefix, dotted): dotted for dotted in fields}
+    unknown = sorted(k for k in environ if k.startswith(prefix) and k not in known)
+    if unknown:
+        raise ConfigError(
+            f"unknown environment variable(s) {', '.join(unknown)}; settings are named like "
+            f"{next(iter(known), prefix + 'NAME')} (see --help for the fields)"
+        )
+    out: dict[str, Any] = {}
+    for var, dotted in known.items():
+        if var not in environ:
+            continue
+        raw = environ[var]
+        if fields[dotted] in (str, Path) or get_origin(fields[dotted]) is Literal:
+            out[dotted] = raw
+            continue
+        try:
+            out[dotted] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"environment variable {var}={raw!r} is not a readable value: {e}") from e
+    return out
+
+
+def build_layered_config(
+    model: type[M],
+    namespace: argparse.Namespace,
+    *,
+    yaml_path: str | None = None,
+    env_prefix: str | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+) -> M:
+    """Defaults < YAML file < environment (`env_prefix`) < flags, validated once."""
+    import os
+
     data: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
+    if env_prefix:
+        for dotted, value in env_overrides(
+            model, env_prefix, os.environ if environ is None else environ
+        ).items():
+            _set_dotted(data, dotted, value)
     for dotted, value in sorted(vars(namespace).items()):
         if "." in dotted or dotted in model.model_fields:
             _set_dotted(data, dotted, value)

@@ -97,6 +97,12 @@ class TrainConfig(BaseModel):
     steps: int = Field(
         1000, ge=1, description="optimizer steps to train (a resumed run continues up to this)"
     )
+    schedule_steps: int | None = Field(
+        None,
+        ge=1,
+        description="length of the learning-rate schedule (default: steps); a run extended round by round "
+        "(the miner) keeps one schedule",
+    )
     cache_dir: str | None = Field(
         None,
         description="train from this logit cache (python -m distill cache); with a teacher too, new samples are added to it",

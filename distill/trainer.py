@@ -374,7 +374,9 @@ def train(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: lr_lambda(s, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio),
+        lambda s: lr_lambda(
+            s, cfg.optim.warmup_steps, cfg.schedule_steps or cfg.steps, cfg.optim.min_lr_ratio
+        ),
     )
 
     eval_count = cfg.data.eval_samples if eval_stream is not None else 0

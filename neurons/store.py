@@ -38,6 +38,25 @@ class StoreError(RuntimeError):
     """A checkpoint that cannot be published or fetched; the message says why."""
 
 
+class StoreUnavailable(StoreError):
+    """The store could not be reached or answered with a server error: trying again later may work,
+    so a validator must not hold it against the submission."""
+
+
+# Hub answers that are about the submission itself, not the connection to it.
+_PERMANENT_HUB_ERRORS = (
+    "RepositoryNotFoundError",
+    "RevisionNotFoundError",
+    "EntryNotFoundError",
+    "GatedRepoError",
+)
+
+
+def _hub_failure(message: str, error: Exception) -> StoreError:
+    kind = StoreError if type(error).__name__ in _PERMANENT_HUB_ERRORS else StoreUnavailable
+    return kind(f"{message}: {error}")
+
+
 def _allowed(name: str, patterns=ALLOWED_FILES) -> bool:
     return "/" not in name and any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -193,7 +212,7 @@ class HubStore:
         try:
             info = self.api.model_info(repo, revision=revision, files_metadata=True)
         except Exception as e:
-            raise StoreError(f"cannot read {repo}@{revision[:12]} on the Hub: {e}") from e
+            raise _hub_failure(f"cannot read {repo}@{revision[:12]} on the Hub", e) from e
         listing = {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
         listing = {k: v for k, v in listing.items() if k not in (".gitattributes", "README.md")}
         _check_listing(listing, f"{repo}@{revision[:12]}", max_bytes)
@@ -205,7 +224,7 @@ class HubStore:
                 repo_id=repo, revision=revision, local_dir=str(dest), allow_patterns=list(ALLOWED_FILES)
             )
         except Exception as e:
-            raise StoreError(f"download of {repo}@{revision[:12]} failed: {e}") from e
+            raise _hub_failure(f"download of {repo}@{revision[:12]} failed", e) from e
         got = {p.name: p.stat().st_size for p in dest.iterdir() if p.is_file()}
         if sum(got.values()) > max_bytes:
             raise StoreError(f"{repo}@{revision[:12]}: downloaded more than the limit")

@@ -128,22 +128,33 @@ class Submission:
     fingerprint: np.ndarray | None = None
 
 
+def earliest_owner(
+    candidate: Submission, others: Sequence[Submission], threshold: float = FINGERPRINT_COSINE
+) -> Submission | None:
+    """The earliest submission of another hotkey, committed before `candidate`, that holds the same
+    content or a near-identical fingerprint; None when `candidate` is original. Equal blocks fall
+    to the lexicographically smaller hotkey, so every validator decides the same way."""
+    key = (candidate.block, candidate.hotkey)
+    for earlier in sorted(others, key=lambda s: (s.block, s.hotkey)):
+        if earlier.hotkey == candidate.hotkey or (earlier.block, earlier.hotkey) >= key:
+            continue
+        same = earlier.content_hash == candidate.content_hash
+        near = (
+            candidate.fingerprint is not None
+            and earlier.fingerprint is not None
+            and cosine(candidate.fingerprint, earlier.fingerprint) >= threshold
+        )
+        if same or near:
+            return earlier
+    return None
+
+
 def find_copies(submissions: Sequence[Submission], threshold: float = FINGERPRINT_COSINE) -> dict[str, str]:
-    """{copier hotkey: owner hotkey}. Earlier commitment block owns; equal blocks fall to the
-    lexicographically smaller hotkey, so every validator decides the same way."""
-    ordered = sorted(submissions, key=lambda s: (s.block, s.hotkey))
+    """{copier hotkey: owner hotkey} among `submissions`, comparing with originals only."""
     copies: dict[str, str] = {}
-    for i, s in enumerate(ordered):
-        for earlier in ordered[:i]:
-            if earlier.hotkey in copies:
-                continue  # compare with originals only
-            same = s.content_hash == earlier.content_hash
-            near = (
-                s.fingerprint is not None
-                and earlier.fingerprint is not None
-                and cosine(s.fingerprint, earlier.fingerprint) >= threshold
-            )
-            if same or near:
-                copies[s.hotkey] = earlier.hotkey
-                break
+    for s in sorted(submissions, key=lambda s: (s.block, s.hotkey)):
+        originals = [o for o in submissions if o.hotkey not in copies]
+        owner = earliest_owner(s, originals, threshold)
+        if owner is not None:
+            copies[s.hotkey] = owner.hotkey
     return copies

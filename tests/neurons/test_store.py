@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from safetensors.torch import save_file
 
-from neurons.store import HubStore, LocalStore, StoreError, content_hash, store_for
+from neurons.store import HubStore, LocalStore, StoreError, StoreUnavailable, content_hash, store_for
 
 
 def _checkpoint(path: Path, value: float = 1.0, extra: dict[str, bytes] | None = None) -> Path:
@@ -122,3 +122,22 @@ def test_hub_store_upload_sends_only_allowed_files_and_returns_the_commit(tmp_pa
         HubStore(api=Failing({})).upload(ckpt, "alice/q")
     with pytest.raises(StoreError, match="unknown store"):
         store_for("s3")
+
+
+def test_hub_outage_is_transient_but_a_missing_repo_is_not(tmp_path) -> None:
+    class RepositoryNotFoundError(Exception):  # named as huggingface_hub names it
+        pass
+
+    class Down(FakeHub):
+        def model_info(self, *a, **kw):
+            raise ConnectionError("502 Bad Gateway")
+
+    class Gone(FakeHub):
+        def model_info(self, *a, **kw):
+            raise RepositoryNotFoundError("404 alice/q")
+
+    with pytest.raises(StoreUnavailable, match="502 Bad Gateway"):
+        HubStore(api=Down({})).download("alice/q", "a" * 40, tmp_path / "d", max_bytes=10)
+    with pytest.raises(StoreError, match="404") as caught:
+        HubStore(api=Gone({})).download("alice/q", "a" * 40, tmp_path / "d", max_bytes=10)
+    assert not isinstance(caught.value, StoreUnavailable)

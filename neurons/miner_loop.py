@@ -1,0 +1,329 @@
+"""The miner's round: distil for a while, evaluate itself, and publish and commit the checkpoint
+when it is better than the last one committed.
+
+- Training is `distill`'s trainer with a live teacher, extended round by round in one run
+  directory (one learning-rate schedule, exact resume after any crash).
+- The self-evaluation is the trainer's held-out KL plus a small `validator_tasks` suite run on
+  the student in memory.
+- A checkpoint is committed only after its upload succeeded, and only when its KL beats the last
+  committed one by `publish.min_improvement` without losing long-context accuracy. The chain's
+  commitment rate limit is respected: a commitment that has to wait stays pending (persisted) and
+  is retried, never lost.
+- The miner's own state (`miner_state.json`) is written atomically after every change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from neurons import node
+from neurons.chain import Chain, ChainError, ChainUnavailable, RateLimited
+from neurons.commitment import Commitment
+from neurons.config import MinerConfig
+from neurons.store import CheckpointStore, StoreError, content_hash
+from quasar.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "q24-miner-state/1"
+
+
+class Publication(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    step: int
+    checkpoint: str
+    content_hash: str
+    kl: float
+    longctx: float | None = None
+    repo: str | None = None
+    revision: str | None = None  # set once uploaded
+    data: str | None = None  # the commitment string
+    block: int | None = None  # set once committed
+
+
+class MinerState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = STATE_FORMAT
+    netuid: int
+    hotkey: str
+    rounds: int = 0
+    committed: Publication | None = None
+    pending: Publication | None = None  # better than committed, upload or commitment not done yet
+    history: list[Publication] = Field(default_factory=list)
+
+
+class Miner:
+    def __init__(
+        self,
+        cfg: MinerConfig,
+        *,
+        chain: Chain | None = None,
+        store: CheckpointStore | None = None,
+        stopper: node.Stopper | None = None,
+    ):
+        self.cfg = cfg
+        self.stopper = stopper or node.Stopper.install()
+        self.device = node.resolve_device(cfg.device)
+        self.kit = node.devkit(cfg)
+        self.tokenizer_dir = node.competition_tokenizer(cfg, self.kit)
+        from distill.cli import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.sources = cfg.train.sources or ([str(self.kit.corpus)] if self.kit else [])
+        if not self.sources:
+            raise ChainError("give training text with --train.sources (off the embedded chain)")
+        self.chain = chain or node.open_chain(cfg, "miner")
+        self.store = store or node.open_store(cfg)
+        self.repo = cfg.publish.repo or node.local_repo_key(cfg)
+        if cfg.store_kind == "hf" and cfg.publish.repo is None:
+            raise ChainError("publishing to the Hub needs --publish.repo user/name")
+        self.dir = node.node_dir(cfg, "miner")
+        self.run_dir = self.dir / "run"
+        self.state_path = self.dir / "miner_state.json"
+        self.state = self._load_state()
+        self.health, self.metrics, self.server = node.start_telemetry(cfg, "miner", self.chain.hotkey)
+        m = self.metrics
+        self.g_step = m.gauge("q24_miner_step", "optimizer steps trained")
+        self.g_kl = m.gauge("q24_miner_heldout_kl", "held-out KL of the latest checkpoint")
+        self.g_committed_kl = m.gauge("q24_miner_committed_kl", "held-out KL of the committed checkpoint")
+        self.c_commits = m.counter("q24_miner_commits", "commitments written")
+        self.c_uploads = m.counter("q24_miner_upload_failures", "uploads that failed")
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    def _load_state(self) -> MinerState:
+        if not self.state_path.exists():
+            return MinerState(netuid=self.cfg.netuid, hotkey=self.chain.hotkey)
+        try:
+            state = MinerState.model_validate(json.loads(self.state_path.read_text()))
+        except (json.JSONDecodeError, ValidationError) as e:
+            raise ChainError(
+                f"{self.state_path} is not a miner state file ({str(e).splitlines()[0]}); move it away to start over"
+            ) from None
+        if (state.netuid, state.hotkey) != (self.cfg.netuid, self.chain.hotkey):
+            raise ChainError(
+                f"{self.state_path} belongs to {state.hotkey} on subnet {state.netuid}; "
+                "give this miner its own --root or wallet"
+            )
+        return state
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.state_path, self.state.model_dump_json(indent=1) + "\n")
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.chain.close()
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        done = 0
+        try:
+            while not self.stopper.stopped:
+                try:
+                    self.publish_pending()
+                    if self.stopper.stopped:
+                        break
+                    self.run_round()
+                    done += 1
+                    if self.cfg.max_rounds is not None and done >= self.cfg.max_rounds:
+                        self.publish_pending(wait=True)
+                        break
+                except ChainUnavailable as e:
+                    log.warning("chain unavailable, retrying in 10 s: %s", e)
+                    self.health.fail(str(e))
+                    self.stopper.sleep(10)
+        finally:
+            self.close()
+        return done
+
+    def train_config(self, steps: int):
+        from distill.config import TrainConfig
+
+        t = self.cfg.train
+        data = {
+            "out_dir": str(self.run_dir),
+            "steps": steps,
+            "schedule_steps": max(t.total_steps, steps),
+            "k": t.k,
+            "teacher": node.teacher_config(self.cfg, self.kit, self.device).model_dump(),
+            "student": {
+                "preset": self.cfg.competition.preset,
+                "overrides": {"vocab_size": len(self.tokenizer)},
+            },
+            "data": {
+                "sources": self.sources,
+                "tokenizer": self.tokenizer_dir,
+                "sample_len": t.sample_len,
+                "seq_len": t.seq_len,
+                "batch_size": t.batch_size,
+                "eval_samples": t.eval_samples,
+            },
+            "optim": {"lr": t.lr, "warmup_steps": t.warmup_steps},
+            "seed": t.seed,
+            "device": self.device,
+            "save_every": steps,
+            "eval_every": steps,
+            "log_every": 10,
+            "progress": False,
+        }
+        for key, value in t.overrides.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        return TrainConfig.model_validate(data)
+
+    def run_round(self) -> None:
+        from distill.cli import run_train
+        from distill.trainer import latest_checkpoint
+
+        latest = latest_checkpoint(self.run_dir)
+        done_steps = int(latest.name.split("-")[1]) if latest is not None else 0
+        target = done_steps + self.cfg.train.steps_per_round
+        self.health.beat("training", step=done_steps, target=target)
+        started = time.monotonic()
+        result = run_train(self.train_config(target))
+        self.state.rounds += 1
+        self.g_step.set(result.step)
+        kl = result.last_eval_kl
+        if kl is None or result.final_checkpoint is None:
+            raise ChainError("the trainer produced no held-out KL or checkpoint; check --train.eval_samples")
+        self.g_kl.set(kl)
+        longctx = self.self_evaluate(result.student)
+        log.info(
+            "round %d: %d steps in %.0fs, held-out KL %.4f%s",
+            self.state.rounds,
+            result.step,
+            time.monotonic() - started,
+            kl,
+            f", long-context accuracy {longctx:.3f}" if longctx is not None else "",
+        )
+        candidate = Publication(
+            step=result.step,
+            checkpoint=str(result.final_checkpoint),
+            content_hash=content_hash(result.final_checkpoint),
+            kl=kl,
+            longctx=longctx,
+        )
+        if self.better(candidate):
+            keep = self.dir / "publish" / f"step-{result.step:08d}"
+            self._snapshot(result.final_checkpoint, keep)
+            self.state.pending = candidate.model_copy(update={"checkpoint": str(keep)})
+        self.save()
+        self.health.beat("trained", step=result.step, kl=kl)
+
+    def better(self, candidate: Publication) -> bool:
+        reference = self.state.pending or self.state.committed
+        if reference is None:
+            return True
+        p = self.cfg.publish
+        kl_ok = candidate.kl <= reference.kl * (1 - p.min_improvement)
+        lc_ok = (
+            candidate.longctx is None
+            or reference.longctx is None
+            or candidate.longctx >= reference.longctx - p.longctx_tolerance
+        )
+        if not kl_ok:
+            log.info(
+                "not publishing: KL %.4f is not %.0f%% below %.4f",
+                candidate.kl,
+                100 * p.min_improvement,
+                reference.kl,
+            )
+        elif not lc_ok:
+            log.info(
+                "not publishing: long-context accuracy fell from %.3f to %.3f",
+                reference.longctx,
+                candidate.longctx,
+            )
+        return kl_ok and lc_ok
+
+    @staticmethod
+    def _snapshot(checkpoint: Path, dest: Path) -> None:
+        """The publishable files, kept apart from the trainer's rotating checkpoints."""
+        import shutil
+
+        from neurons.store import publishable_files
+
+        if dest.exists():
+            return
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in publishable_files(checkpoint):
+            shutil.copy2(f, tmp / f.name)
+        tmp.rename(dest)
+
+    def self_evaluate(self, student) -> float | None:
+        p = self.cfg.publish
+        if p.longctx_samples == 0:
+            return None
+        from validator_tasks.config import EvalConfig
+        from validator_tasks.models import StreamingPredictor
+        from validator_tasks.runner import evaluate
+
+        cfg = EvalConfig(
+            model=["self"], tokenizer=self.tokenizer_dir, lengths=p.longctx_lengths,
+            tasks="niah_single,variable_tracking", samples=p.longctx_samples, seed=0, progress=False,
+            device="cuda" if self.device.startswith("cuda") else "cpu", isolate=False,
+        )  # fmt: skip
+        student.eval()
+        predictor = StreamingPredictor(
+            student, self.tokenizer, chunk=cfg.chunk, baseline_chunk=0, max_new_tokens=None
+        )
+        return float(evaluate(predictor, self.tokenizer, cfg, name="self").score)
+
+    # -- publishing ----------------------------------------------------------------------------------
+
+    def publish_pending(self, wait: bool = False) -> None:
+        """Upload the pending checkpoint (if not yet) and commit it (if the rate limit allows; with
+        `wait`, sleep until it does)."""
+        pending = self.state.pending
+        if pending is None:
+            return
+        if pending.revision is None:
+            try:
+                revision = self.store.upload(pending.checkpoint, self.repo)
+            except StoreError as e:
+                self.c_uploads.inc()
+                self.health.fail(str(e))
+                log.error("upload failed, not committing (retrying next round): %s", e)
+                return
+            pending.repo, pending.revision = self.repo, revision
+            commitment = Commitment.for_checkpoint(
+                self.cfg.store_kind, self.repo, revision, pending.content_hash, self.chain.hotkey
+            )
+            pending.data = commitment.encode()
+            self.save()
+            log.info("uploaded step %d to %s@%s", pending.step, self.repo, revision[:12])
+        while True:
+            try:
+                block = self.chain.commit(pending.data)
+                break
+            except RateLimited as e:
+                seconds = e.blocks_left * self.chain.limits().seconds_per_block
+                if not wait:
+                    log.info("commitment rate limited for %d more blocks; keeping it pending", e.blocks_left)
+                    return
+                log.info("commitment rate limited; waiting %.0fs", seconds)
+                if self.stopper.sleep(seconds + 0.5):
+                    return
+        pending.block = block
+        self.state.committed = pending
+        self.state.history.append(pending)
+        self.state.pending = None
+        self.save()
+        self.c_commits.inc()
+        self.g_committed_kl.set(pending.kl)
+        self.health.beat("committed", block=block, step=pending.step)
+        log.info("committed step %d (KL %.4f) at block %d: %s", pending.step, pending.kl, block, pending.data)

@@ -1,0 +1,141 @@
+"""The validator's persistent state: the moving average, the round in progress with every result
+it has so far, verdicts on submissions already judged, and the owners of every checkpoint seen.
+
+Written atomically after every change that took work to produce, so a validator killed at any
+moment (SIGKILL included) resumes the same round where it stopped and loses no score. The files
+are ours, but a damaged one is still refused with a clear error rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from quasar.files import atomic_write
+
+STATE_FORMAT = "q24-validator-state/1"
+Status = Literal["ok", "rejected", "copy", "error", "timeout", "unfit"]
+
+
+class StateError(RuntimeError):
+    pass
+
+
+class SubmissionResult(BaseModel):
+    """One hotkey's submission in one round."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hotkey: str
+    uid: int
+    block: int  # of its commitment
+    data: str  # the commitment string
+    status: Status
+    code: str = ""  # verification code or error kind
+    reason: str = ""
+    content_hash: str | None = None
+    copy_of: str | None = None
+    kl: list[float] = Field(default_factory=list)  # per prompt
+    longctx: list[float] = Field(default_factory=list)  # per sample
+    seconds: float = 0.0
+
+    @property
+    def mean_kl(self) -> float | None:
+        return float(np.mean(self.kl)) if self.kl else None
+
+    @property
+    def longctx_accuracy(self) -> float | None:
+        return float(np.mean(self.longctx)) if self.longctx else None
+
+
+class RoundState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    number: int
+    block: int
+    block_hash: str
+    seed: int
+    planned: list[str] = Field(default_factory=list)  # hotkeys with a commitment, in evaluation order
+    results: dict[str, SubmissionResult] = Field(default_factory=dict)
+    win_rates: dict[str, float] = Field(default_factory=dict)
+    round_weights: dict[str, float] = Field(default_factory=dict)
+    scored: bool = False  # win rates computed and folded into the moving average
+    weights_block: int | None = None  # when set_weights landed
+    weights_error: str = ""
+
+
+class Origin(BaseModel):
+    """The first commitment seen for a checkpoint: its owner for copy detection, across rounds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hotkey: str
+    block: int
+
+
+class ValidatorState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["q24-validator-state/1"] = STATE_FORMAT
+    netuid: int
+    hotkey: str
+    moving_average: dict[str, float] = Field(default_factory=dict)
+    rounds_completed: int = 0
+    current: RoundState | None = None
+    last: RoundState | None = None
+    # "hotkey|commitment" -> a rejection that holds until the commitment changes (no re-download)
+    verdicts: dict[str, SubmissionResult] = Field(default_factory=dict)
+    origins: dict[str, Origin] = Field(default_factory=dict)  # content hash -> first commitment
+
+
+class StateStore:
+    """`dir/state.json` plus `dir/fingerprints/<content hash>.npy` (write-once, content-addressed)."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self.path = self.dir / "state.json"
+        self.fingerprints = self.dir / "fingerprints"
+
+    def load(self, netuid: int, hotkey: str) -> ValidatorState:
+        if not self.path.exists():
+            return ValidatorState(netuid=netuid, hotkey=hotkey)
+        try:
+            state = ValidatorState.model_validate(json.loads(self.path.read_text()))
+        except (json.JSONDecodeError, ValidationError, UnicodeDecodeError) as e:
+            raise StateError(
+                f"{self.path} is not a validator state file this version can read ({e.__class__.__name__}: "
+                f"{str(e).splitlines()[0]}); move it away to start fresh (the moving average restarts)"
+            ) from None
+        if (state.netuid, state.hotkey) != (netuid, hotkey):
+            raise StateError(
+                f"{self.path} belongs to hotkey {state.hotkey} on subnet {state.netuid}, not {hotkey} on "
+                f"{netuid}; give this node its own --root or wallet"
+            )
+        return state
+
+    def save(self, state: ValidatorState) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, state.model_dump_json(indent=1) + "\n")
+
+    def save_fingerprint(self, content_hash: str, values: np.ndarray) -> None:
+        self.fingerprints.mkdir(parents=True, exist_ok=True)
+        path = self.fingerprints / f"{content_hash}.npy"
+        if not path.exists():
+            import io
+
+            buffer = io.BytesIO()
+            np.save(buffer, np.asarray(values, dtype=np.float64), allow_pickle=False)
+            atomic_write(path, buffer.getvalue())
+
+    def fingerprint(self, content_hash: str) -> np.ndarray | None:
+        path = self.fingerprints / f"{content_hash}.npy"
+        if not path.exists():
+            return None
+        try:
+            return np.load(path, allow_pickle=False)
+        except (ValueError, OSError):
+            return None
