@@ -59,7 +59,9 @@ class MinerState(BaseModel):
     history: list[Publication] = Field(default_factory=list)
 
 
-class Miner:
+class Miner(node.NodeBase):
+    role = "miner"
+
     def __init__(
         self,
         cfg: MinerConfig,
@@ -68,27 +70,16 @@ class Miner:
         store: CheckpointStore | None = None,
         stopper: node.Stopper | None = None,
     ):
-        self.cfg = cfg
-        self.stopper = stopper or node.Stopper.install()
-        self.device = node.resolve_device(cfg.device)
-        self.kit = node.devkit(cfg)
-        self.tokenizer_dir = node.competition_tokenizer(cfg, self.kit)
-        from distill.cli import load_tokenizer
-
-        self.tokenizer = load_tokenizer(self.tokenizer_dir)
-        self.sources = cfg.train.sources or ([str(self.kit.corpus)] if self.kit else [])
-        if not self.sources:
-            raise ChainError("give training text with --train.sources (off the embedded chain)")
-        self.chain = chain or node.open_chain(cfg, "miner")
-        self.store = store or node.open_store(cfg)
-        self.repo = cfg.publish.repo or node.local_repo_key(cfg)
         if cfg.store_kind == "hf" and cfg.publish.repo is None:
             raise ChainError("publishing to the Hub needs --publish.repo user/name")
-        self.dir = node.node_dir(cfg, "miner")
+        super().__init__(cfg, chain=chain, store=store, stopper=stopper)
+        self.cfg: MinerConfig = cfg
+        self.repo = cfg.publish.repo or node.local_repo_key(cfg)
         self.run_dir = self.dir / "run"
         self.state_path = self.dir / "miner_state.json"
-        self.state = self._load_state()
-        self.health, self.metrics, self.server = node.start_telemetry(cfg, "miner", self.chain.hotkey)
+        with self.closed_on_error():
+            self.sources = self.text_sources(cfg.train.sources, "--train.sources")
+            self.state = self._load_state()
         m = self.metrics
         self.g_step = m.gauge("q24_miner_step", "optimizer steps trained")
         self.g_kl = m.gauge("q24_miner_heldout_kl", "held-out KL of the latest checkpoint")
@@ -117,11 +108,6 @@ class Miner:
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.state_path, self.state.model_dump_json(indent=1) + "\n")
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-        self.chain.close()
 
     # -- the loop ------------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ telemetry, resolved from the settings (with the dev kit standing in on the embed
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import signal
@@ -169,3 +170,55 @@ def start_telemetry(settings: NodeSettings, role: Role, hotkey: str | None):
             "health and metrics on http://%s:%d/health and /metrics", settings.telemetry.host, server.port
         )
     return health, metrics, server
+
+
+class NodeBase:
+    """What a miner and a validator both hold: settings, device, the dev kit (embedded), the
+    competition's tokenizer, the chain bound to this hotkey, the store, the node's own directory,
+    a stop flag, and health and metrics."""
+
+    role: Role
+
+    def __init__(
+        self,
+        cfg: NodeSettings,
+        *,
+        chain: Chain | None = None,
+        store: CheckpointStore | None = None,
+        stopper: Stopper | None = None,
+    ):
+        from distill.cli import load_tokenizer
+
+        self.cfg = cfg
+        self.stopper = stopper or Stopper.install()
+        self.device = resolve_device(cfg.device)
+        self.kit = devkit(cfg)
+        self.tokenizer_dir = competition_tokenizer(cfg, self.kit)
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.chain = chain or open_chain(cfg, self.role)
+        self.store = store or open_store(cfg)
+        self.dir = node_dir(cfg, self.role)
+        self.health, self.metrics, self.server = start_telemetry(cfg, self.role, self.chain.hotkey)
+
+    def text_sources(self, given: list[str], flag: str) -> list[str]:
+        """`given`, or the dev kit's corpus on the embedded chain."""
+        sources = given or ([str(self.kit.corpus)] if self.kit else [])
+        if not sources:
+            raise ChainError(
+                f"give text with {flag} (the dev kit's corpus exists only on the embedded chain)"
+            )
+        return sources
+
+    @contextlib.contextmanager
+    def closed_on_error(self):
+        """For the rest of a subclass's set-up: a failure releases the chain and the port."""
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.chain.close()

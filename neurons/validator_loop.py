@@ -98,7 +98,9 @@ def _load_prompts(path: Path) -> KLPrompts | None:
         return None
 
 
-class Validator:
+class Validator(node.NodeBase):
+    role = "validator"
+
     def __init__(
         self,
         cfg: ValidatorConfig,
@@ -107,25 +109,14 @@ class Validator:
         store: CheckpointStore | None = None,
         stopper: node.Stopper | None = None,
     ):
-        self.cfg = cfg
-        self.stopper = stopper or node.Stopper.install()
-        self.device = node.resolve_device(cfg.device)
-        self.kit = node.devkit(cfg)
-        self.tokenizer_dir = node.competition_tokenizer(cfg, self.kit)
-        from distill.cli import load_tokenizer
-
-        self.tokenizer = load_tokenizer(self.tokenizer_dir)
-        self.chain = chain or node.open_chain(cfg, "validator")
-        self.store = store or node.open_store(cfg)
-        self.competition = node.competition(cfg, len(self.tokenizer))
-        self.dir = node.node_dir(cfg, "validator")
-        self.states = StateStore(self.dir)
-        self.state: ValidatorState = self.states.load(cfg.netuid, self.chain.hotkey)
-        self.kl_sources = cfg.kl.sources or ([str(self.kit.corpus)] if self.kit else [])
-        if not self.kl_sources:
-            raise ChainError("give the KL prompt text with --kl.sources (off the embedded chain)")
         self._teacher = None
-        self.health, self.metrics, self.server = node.start_telemetry(cfg, "validator", self.chain.hotkey)
+        super().__init__(cfg, chain=chain, store=store, stopper=stopper)
+        self.cfg: ValidatorConfig = cfg
+        self.competition = node.competition(cfg, len(self.tokenizer))
+        self.states = StateStore(self.dir)
+        with self.closed_on_error():
+            self.state: ValidatorState = self.states.load(cfg.netuid, self.chain.hotkey)
+            self.kl_sources = self.text_sources(cfg.kl.sources, "--kl.sources")
         m = self.metrics
         self.g_block = m.gauge("q24_block", "latest chain block seen")
         self.g_round = m.gauge("q24_validator_round", "current round number")
@@ -152,9 +143,7 @@ class Validator:
     def close(self) -> None:
         if self._teacher is not None:
             self._teacher.close()
-        if self.server is not None:
-            self.server.stop()
-        self.chain.close()
+        super().close()
 
     def _round_dir(self, number: int) -> Path:
         return self.dir / "rounds" / f"{number:06d}"

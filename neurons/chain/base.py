@@ -145,6 +145,18 @@ class Chain(Protocol):
     def close(self) -> None: ...
 
 
+def as_int(value: object, what: str, error: type[ChainError] = ChainError) -> int:
+    """An integer argument (ints and numpy-style integers; not bools, not floats), else `error`."""
+    import operator
+
+    if isinstance(value, bool):
+        raise error(f"{what} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise error(f"{what} must be an integer, got {value!r}") from None
+
+
 def weights_to_u16(weights: dict[int, float]) -> dict[int, int]:
     """Normalise as the chain does: the largest weight becomes 65535, the rest in proportion;
     zero weights are dropped. Raises InvalidWeights for bad uids or values, or all-zero weights."""

@@ -39,7 +39,6 @@ import concurrent.futures
 import contextlib
 import logging
 import math
-import operator
 import re
 import threading
 import time
@@ -67,6 +66,7 @@ from neurons.chain.base import (
     NoValidatorPermit,
     RateLimited,
     WeightsRecord,
+    as_int,
     weights_to_u16,
 )
 
@@ -222,15 +222,6 @@ class _BadRow(Exception):
 
 
 # -- decoding ----------------------------------------------------------------------------------------
-
-
-def _as_int(value: Any, what: str, error: type[ChainError] = ChainError) -> int:
-    if isinstance(value, bool):
-        raise error(f"{what} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise error(f"{what} must be an integer, got {value!r}") from None
 
 
 def _field_bytes(value: Any) -> bytes:
@@ -416,7 +407,7 @@ class BittensorChain:
         substrate: Any = None,
         wallet: Any = None,
     ):
-        self.netuid = _as_int(netuid, "netuid")
+        self.netuid = as_int(netuid, "netuid")
         if not 0 <= self.netuid <= 0xFFFF:
             raise ChainError(f"netuid must be in 0..65535, got {self.netuid}")
         for what, value in (("timeout_s", timeout_s), ("max_block_age_s", max_block_age_s)):
@@ -424,7 +415,7 @@ class BittensorChain:
                 raise ChainError(f"{what} must be a number of seconds > 0, got {value!r}")
         if isinstance(backoff_s, bool) or not isinstance(backoff_s, (int, float)) or not backoff_s >= 0:
             raise ChainError(f"backoff_s must be a number of seconds >= 0, got {backoff_s!r}")
-        self.retries = _as_int(retries, "retries")
+        self.retries = as_int(retries, "retries")
         if self.retries < 0:
             raise ChainError(f"retries must be >= 0, got {retries}")
         self.timeout_s, self.backoff_s = float(timeout_s), float(backoff_s)
@@ -643,7 +634,7 @@ class BittensorChain:
         return self._run("current_block", op)
 
     def block_hash(self, block: int) -> str:
-        block = _as_int(block, "block")
+        block = as_int(block, "block")
         if block < 0:
             raise ChainError(f"block must be >= 0, got {block}")
 
@@ -748,8 +739,8 @@ class BittensorChain:
             records = []
             for key, row in rows:
                 try:
-                    uid = _as_int(key[0] if isinstance(key, (tuple, list)) else key, "uid")
-                    values = {_as_int(d, "uid"): _as_int(w, "weight") for d, w in row or []}
+                    uid = as_int(key[0] if isinstance(key, (tuple, list)) else key, "uid")
+                    values = {as_int(d, "uid"): as_int(w, "weight") for d, w in row or []}
                 except (ChainError, TypeError, ValueError) as e:
                     log.warning("skipping a weights row on subnet %d: %s", self.netuid, e)
                     continue
@@ -784,7 +775,7 @@ class BittensorChain:
         return self._run("limits", op)
 
     def blocks_since_last_update(self, uid: int) -> int | None:
-        uid = _as_int(uid, "uid")
+        uid = as_int(uid, "uid")
 
         async def op(client: Any, substrate: Any) -> int | None:
             view = await self._head_view(client)
@@ -839,7 +830,7 @@ class BittensorChain:
         before anything is sent. The SDK then picks the plain or the commit-reveal path."""
         if not isinstance(weights, Mapping):
             raise InvalidWeights(f"weights must be a {{uid: weight}} mapping, got {type(weights).__name__}")
-        u16 = weights_to_u16({_as_int(u, "uid", InvalidWeights): w for u, w in weights.items()})
+        u16 = weights_to_u16({as_int(u, "uid", InvalidWeights): w for u, w in weights.items()})
         hotkey = self.hotkey
         intent = bt.SetWeights(netuid=self.netuid, weights={uid: float(v) for uid, v in u16.items()})
         first: dict[str, Any] = {}

@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import math
-import operator
 import secrets
 import sqlite3
 import threading
@@ -57,6 +56,7 @@ from neurons.chain.base import (
     NoValidatorPermit,
     RateLimited,
     WeightsRecord,
+    as_int,
     weights_to_u16,
 )
 
@@ -85,16 +85,6 @@ _SCHEMA = (
         netuid INTEGER NOT NULL, validator_uid INTEGER NOT NULL, hotkey TEXT NOT NULL,
         block INTEGER NOT NULL, weights TEXT NOT NULL, PRIMARY KEY (netuid, validator_uid))""",
 )
-
-
-def _as_int(value: Any, what: str) -> int:
-    """An integer argument (ints and numpy-style integers; not bools, not floats)."""
-    if isinstance(value, bool):
-        raise ChainError(f"{what} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise ChainError(f"{what} must be an integer, got {value!r}") from None
 
 
 def _as_stake(stake: Any) -> float:
@@ -145,15 +135,15 @@ class EmbeddedChain:
         seed: str | int | None = None,
     ):
         self.path = Path(path)
-        self.netuid = _as_int(netuid, "netuid")
+        self.netuid = as_int(netuid, "netuid")
         if not 0 <= self.netuid <= 0xFFFF:
             raise ChainError(f"netuid must be in 0..65535, got {self.netuid}")
         self.hotkey = None if hotkey is None else _as_key(hotkey, "hotkey")
         wanted = {
             "seconds_per_block": float(seconds_per_block),
-            "weights_rate_limit": _as_int(weights_rate_limit, "weights_rate_limit"),
-            "commitment_rate_limit": _as_int(commitment_rate_limit, "commitment_rate_limit"),
-            "max_validators": _as_int(max_validators, "max_validators"),
+            "weights_rate_limit": as_int(weights_rate_limit, "weights_rate_limit"),
+            "commitment_rate_limit": as_int(commitment_rate_limit, "commitment_rate_limit"),
+            "max_validators": as_int(max_validators, "max_validators"),
         }
         if not (math.isfinite(wanted["seconds_per_block"]) and wanted["seconds_per_block"] > 0):
             raise ChainError(f"seconds_per_block must be > 0, got {seconds_per_block!r}")
@@ -335,7 +325,7 @@ class EmbeddedChain:
 
     def advance(self, blocks: int) -> int:
         """Dev/tests: jump the chain `blocks` blocks ahead, for every process; returns the new block."""
-        blocks = _as_int(blocks, "blocks")
+        blocks = as_int(blocks, "blocks")
         if blocks < 0:
             raise ChainError(f"blocks only move forward; cannot advance by {blocks}")
         with self._write() as db:
@@ -343,7 +333,7 @@ class EmbeddedChain:
             return self._block(db)
 
     def block_hash(self, block: int) -> str:
-        block = _as_int(block, "block")
+        block = as_int(block, "block")
         if block < 0:
             raise ChainError(f"block must be >= 0, got {block}")
         current = self.current_block()
@@ -492,7 +482,7 @@ class EmbeddedChain:
     def set_weights(self, weights: dict[int, float]) -> int:
         """Raises `InvalidWeights` (from `weights_to_u16`) for negative, non-finite or all-zero weights."""
         hotkey = self._require_hotkey("set_weights")
-        uids = {_as_int(u, "uid"): w for u, w in weights.items()}
+        uids = {as_int(u, "uid"): w for u, w in weights.items()}
         u16 = weights_to_u16(uids)
         with self._write() as db:
             block, rows = self._block(db), self._neurons(db)
@@ -536,7 +526,7 @@ class EmbeddedChain:
         ]
 
     def blocks_since_last_update(self, uid: int) -> int | None:
-        uid = _as_int(uid, "uid")
+        uid = as_int(uid, "uid")
         with self._read() as db:
             row = db.execute(
                 "SELECT block FROM weights WHERE netuid = ? AND validator_uid = ?", (self.netuid, uid)
