@@ -109,6 +109,15 @@ class TelemetrySettings(BaseModel):
     )
 
 
+class ValidatorTelemetrySettings(TelemetrySettings):
+    """The validator's own default port, so a miner and a validator on one host do not collide
+    (a class default, not a factory value: setting any telemetry field must keep it)."""
+
+    port: int = Field(
+        9200, ge=-1, le=65535, description="port of GET /health and GET /metrics (0: any free port, -1: off)"
+    )
+
+
 class StoreSettings(BaseModel):
     model_config = Strict
 
@@ -306,7 +315,7 @@ class ValidatorConfig(NodeSettings):
     kl: KLSettings = Field(default_factory=KLSettings)
     longctx: LongContextSettings = Field(default_factory=LongContextSettings)
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)
-    telemetry: TelemetrySettings = Field(default_factory=lambda: TelemetrySettings(port=9200))
+    telemetry: ValidatorTelemetrySettings = Field(default_factory=ValidatorTelemetrySettings)
 
 
 def build_parser(model: type[BaseModel], prog: str, description: str) -> argparse.ArgumentParser:

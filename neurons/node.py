@@ -83,7 +83,7 @@ def open_store(settings: NodeSettings) -> CheckpointStore:
         if settings.store.local_dir
         else settings.root_path / "store"
     )
-    return store_for(settings.store_kind, local_root=local, token=os.environ.get("HF_TOKEN"))
+    return store_for(settings.store_kind, local_root=local, token=os.environ.get("HF_TOKEN") or None)
 
 
 def competition_tokenizer(settings: NodeSettings, kit: DevKit | None) -> str:

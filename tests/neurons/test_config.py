@@ -220,3 +220,9 @@ def test_help_of_both_entry_points_lists_the_bittensor_flags() -> None:
         assert "--no-logging.debug" in out and "Q24_WALLET__NAME" in out
         assert ("--train.steps_per_round" in out) == (role == "miner")
         assert ("--scoring.margin" in out) == (role == "validator")
+
+
+def test_validator_keeps_its_own_port_when_other_telemetry_fields_are_set() -> None:
+    assert ValidatorConfig().telemetry.port == 9200
+    assert ValidatorConfig(telemetry={"host": "0.0.0.0"}).telemetry.port == 9200
+    assert MinerConfig(telemetry={"host": "0.0.0.0"}).telemetry.port == 9100
