@@ -14,19 +14,18 @@ when it is better than the last one committed.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from neurons import node
-from neurons.chain import Chain, ChainError, ChainUnavailable, RateLimited
+from neurons.chain import ChainError, ChainUnavailable, RateLimited
 from neurons.commitment import Commitment
 from neurons.config import MinerConfig
-from neurons.store import CheckpointStore, StoreError, content_hash
-from quasar.files import atomic_write
+from neurons.state import load_state_file, save_state_file
+from neurons.store import StoreError, content_hash
 
 log = logging.getLogger(__name__)
 
@@ -62,24 +61,16 @@ class MinerState(BaseModel):
 class Miner(node.NodeBase):
     role = "miner"
 
-    def __init__(
-        self,
-        cfg: MinerConfig,
-        *,
-        chain: Chain | None = None,
-        store: CheckpointStore | None = None,
-        stopper: node.Stopper | None = None,
-    ):
-        if cfg.store_kind == "hf" and cfg.publish.repo is None:
+    cfg: MinerConfig
+
+    def setup(self) -> None:
+        if self.cfg.store_kind == "hf" and self.cfg.publish.repo is None:
             raise ChainError("publishing to the Hub needs --publish.repo user/name")
-        super().__init__(cfg, chain=chain, store=store, stopper=stopper)
-        self.cfg: MinerConfig = cfg
-        self.repo = cfg.publish.repo or node.local_repo_key(cfg)
+        self.repo = self.cfg.publish.repo or node.local_repo_key(self.cfg)
         self.run_dir = self.dir / "run"
         self.state_path = self.dir / "miner_state.json"
-        with self.closed_on_error():
-            self.sources = self.text_sources(cfg.train.sources, "--train.sources")
-            self.state = self._load_state()
+        self.sources = self.text_sources(self.cfg.train.sources, "--train.sources")
+        self.state = self._load_state()
         m = self.metrics
         self.g_step = m.gauge("q24_miner_step", "optimizer steps trained")
         self.g_kl = m.gauge("q24_miner_heldout_kl", "held-out KL of the latest checkpoint")
@@ -90,24 +81,13 @@ class Miner(node.NodeBase):
     # -- state ---------------------------------------------------------------------------------------
 
     def _load_state(self) -> MinerState:
-        if not self.state_path.exists():
-            return MinerState(netuid=self.cfg.netuid, hotkey=self.chain.hotkey)
-        try:
-            state = MinerState.model_validate(json.loads(self.state_path.read_text()))
-        except (json.JSONDecodeError, ValidationError) as e:
-            raise ChainError(
-                f"{self.state_path} is not a miner state file ({str(e).splitlines()[0]}); move it away to start over"
-            ) from None
-        if (state.netuid, state.hotkey) != (self.cfg.netuid, self.chain.hotkey):
-            raise ChainError(
-                f"{self.state_path} belongs to {state.hotkey} on subnet {state.netuid}; "
-                "give this miner its own --root or wallet"
-            )
-        return state
+        state = load_state_file(
+            self.state_path, MinerState, self.cfg.netuid, self.chain.hotkey, "miner state"
+        )
+        return state if state is not None else MinerState(netuid=self.cfg.netuid, hotkey=self.chain.hotkey)
 
     def save(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.state_path, self.state.model_dump_json(indent=1) + "\n")
+        save_state_file(self.state_path, self.state)
 
     # -- the loop ------------------------------------------------------------------------------------
 

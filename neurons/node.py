@@ -3,7 +3,6 @@ telemetry, resolved from the settings (with the dev kit standing in on the embed
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import signal
@@ -199,6 +198,14 @@ class NodeBase:
         self.store = store or open_store(cfg)
         self.dir = node_dir(cfg, self.role)
         self.health, self.metrics, self.server = start_telemetry(cfg, self.role, self.chain.hotkey)
+        try:
+            self.setup()
+        except BaseException:  # a failed start releases the chain and the port
+            self.close()
+            raise
+
+    def setup(self) -> None:
+        """The role's own set-up (state, metrics), after everything above is in place."""
 
     def text_sources(self, given: list[str], flag: str) -> list[str]:
         """`given`, or the dev kit's corpus on the embedded chain."""
@@ -208,15 +215,6 @@ class NodeBase:
                 f"give text with {flag} (the dev kit's corpus exists only on the embedded chain)"
             )
         return sources
-
-    @contextlib.contextmanager
-    def closed_on_error(self):
-        """For the rest of a subclass's set-up: a failure releases the chain and the port."""
-        try:
-            yield
-        except BaseException:
-            self.close()
-            raise
 
     def close(self) -> None:
         if self.server is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -92,50 +92,71 @@ class ValidatorState(BaseModel):
     origins: dict[str, Origin] = Field(default_factory=dict)  # content hash -> first commitment
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_state_file(path: Path, model: type[M], netuid: int, hotkey: str, what: str) -> M | None:
+    """A node's own state file (`model`, with `netuid` and `hotkey` fields) if it exists. A file that
+    does not validate, or that belongs to another hotkey or subnet, is refused with a StateError
+    that says what to do; it is never guessed at or overwritten."""
+    if not path.exists():
+        return None
+    try:
+        state = model.model_validate(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValidationError, UnicodeDecodeError) as e:
+        raise StateError(
+            f"{path} is not a {what} file this version can read ({e.__class__.__name__}: "
+            f"{str(e).splitlines()[0]}); move it away to start fresh"
+        ) from None
+    if (state.netuid, state.hotkey) != (netuid, hotkey):
+        raise StateError(
+            f"{path} belongs to hotkey {state.hotkey} on subnet {state.netuid}, not {hotkey} on "
+            f"{netuid}; give this node its own --root or wallet"
+        )
+    return state
+
+
+def save_state_file(path: Path, state: BaseModel) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, state.model_dump_json(indent=1) + "\n")
+
+
 class StateStore:
-    """`dir/state.json` plus `dir/fingerprints/<content hash>.npy` (write-once, content-addressed)."""
+    """`dir/state.json` plus `dir/fingerprints/<content hash>.npy` (write-once, content-addressed,
+    so they are read from disk at most once per process)."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
         self.path = self.dir / "state.json"
         self.fingerprints = self.dir / "fingerprints"
+        self._fingerprints: dict[str, np.ndarray | None] = {}
 
     def load(self, netuid: int, hotkey: str) -> ValidatorState:
-        if not self.path.exists():
-            return ValidatorState(netuid=netuid, hotkey=hotkey)
-        try:
-            state = ValidatorState.model_validate(json.loads(self.path.read_text()))
-        except (json.JSONDecodeError, ValidationError, UnicodeDecodeError) as e:
-            raise StateError(
-                f"{self.path} is not a validator state file this version can read ({e.__class__.__name__}: "
-                f"{str(e).splitlines()[0]}); move it away to start fresh (the moving average restarts)"
-            ) from None
-        if (state.netuid, state.hotkey) != (netuid, hotkey):
-            raise StateError(
-                f"{self.path} belongs to hotkey {state.hotkey} on subnet {state.netuid}, not {hotkey} on "
-                f"{netuid}; give this node its own --root or wallet"
-            )
-        return state
+        state = load_state_file(self.path, ValidatorState, netuid, hotkey, "validator state")
+        return state if state is not None else ValidatorState(netuid=netuid, hotkey=hotkey)
 
     def save(self, state: ValidatorState) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, state.model_dump_json(indent=1) + "\n")
+        save_state_file(self.path, state)
 
     def save_fingerprint(self, content_hash: str, values: np.ndarray) -> None:
-        self.fingerprints.mkdir(parents=True, exist_ok=True)
+        values = np.asarray(values, dtype=np.float64)
         path = self.fingerprints / f"{content_hash}.npy"
         if not path.exists():
             import io
 
+            self.fingerprints.mkdir(parents=True, exist_ok=True)
             buffer = io.BytesIO()
-            np.save(buffer, np.asarray(values, dtype=np.float64), allow_pickle=False)
+            np.save(buffer, values, allow_pickle=False)
             atomic_write(path, buffer.getvalue())
+        self._fingerprints[content_hash] = values
 
     def fingerprint(self, content_hash: str) -> np.ndarray | None:
-        path = self.fingerprints / f"{content_hash}.npy"
-        if not path.exists():
-            return None
-        try:
-            return np.load(path, allow_pickle=False)
-        except (ValueError, OSError):
-            return None
+        if content_hash not in self._fingerprints:
+            path = self.fingerprints / f"{content_hash}.npy"
+            try:
+                self._fingerprints[content_hash] = (
+                    np.load(path, allow_pickle=False) if path.exists() else None
+                )
+            except (ValueError, OSError):
+                self._fingerprints[content_hash] = None
+        return self._fingerprints[content_hash]

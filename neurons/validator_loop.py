@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from neurons import node
-from neurons.chain import Chain, ChainError, ChainUnavailable, Metagraph, RateLimited
+from neurons.chain import ChainError, ChainUnavailable, Metagraph, RateLimited
 from neurons.commitment import CommitmentError, parse
 from neurons.config import ValidatorConfig
 from neurons.scoring import Entry, softmax_weights, update_moving_average, win_rates
@@ -33,7 +33,7 @@ from neurons.state import (
     SubmissionResult,
     ValidatorState,
 )
-from neurons.store import CheckpointStore, StoreError, StoreUnavailable
+from neurons.store import StoreError, StoreUnavailable
 from neurons.verify import Submission, earliest_owner, fingerprint, verify_checkpoint
 from quasar.files import atomic_write
 from validator_tasks.config import seed_from_block_hash
@@ -101,22 +101,14 @@ def _load_prompts(path: Path) -> KLPrompts | None:
 class Validator(node.NodeBase):
     role = "validator"
 
-    def __init__(
-        self,
-        cfg: ValidatorConfig,
-        *,
-        chain: Chain | None = None,
-        store: CheckpointStore | None = None,
-        stopper: node.Stopper | None = None,
-    ):
-        self._teacher = None
-        super().__init__(cfg, chain=chain, store=store, stopper=stopper)
-        self.cfg: ValidatorConfig = cfg
-        self.competition = node.competition(cfg, len(self.tokenizer))
+    cfg: ValidatorConfig
+    _teacher = None  # built on first use
+
+    def setup(self) -> None:
+        self.competition = node.competition(self.cfg, len(self.tokenizer))
         self.states = StateStore(self.dir)
-        with self.closed_on_error():
-            self.state: ValidatorState = self.states.load(cfg.netuid, self.chain.hotkey)
-            self.kl_sources = self.text_sources(cfg.kl.sources, "--kl.sources")
+        self.state: ValidatorState = self.states.load(self.cfg.netuid, self.chain.hotkey)
+        self.kl_sources = self.text_sources(self.cfg.kl.sources, "--kl.sources")
         m = self.metrics
         self.g_block = m.gauge("q24_block", "latest chain block seen")
         self.g_round = m.gauge("q24_validator_round", "current round number")
@@ -276,7 +268,7 @@ class Validator(node.NodeBase):
                 **base, status="error", code="EVAL_ERROR", reason=f"{type(e).__name__}: {e}"
             )
         result.seconds = time.monotonic() - started
-        if result.status in ("rejected",):
+        if result.status == "rejected":
             self.state.verdicts[key] = result
         level = logging.INFO if result.status == "ok" else logging.WARNING
         log.log(
@@ -329,17 +321,16 @@ class Validator(node.NodeBase):
             )
         model, digest = verdict.model, verdict.content_hash
         assert digest is not None
-        prints = fingerprint(model)
-        self.states.save_fingerprint(digest, prints)
+        prints = self.states.fingerprint(digest)
+        if prints is None:  # deterministic for given content: computed once, kept on disk
+            prints = fingerprint(model)
+            self.states.save_fingerprint(digest, prints)
         origin = self.state.origins.get(digest)
         if origin is None or (base["block"], hotkey) < (origin.block, origin.hotkey):
             # the earliest commitment seen owns the weights, whatever order they were judged in
-            origin = self.state.origins[digest] = Origin(hotkey=hotkey, block=base["block"])
-        owner = earliest_owner(
-            Submission(hotkey, base["block"], digest, prints), self._known_originals(digest)
-        )
-        if owner is None and origin.hotkey != hotkey and origin.block <= base["block"]:
-            owner = Submission(origin.hotkey, origin.block, digest)
+            self.state.origins[digest] = Origin(hotkey=hotkey, block=base["block"])
+        # The origins include this content's owner (same hash) and every other checkpoint seen.
+        owner = earliest_owner(Submission(hotkey, base["block"], digest, prints), self._known_originals())
         if owner is not None:
             return SubmissionResult(
                 **base,
@@ -388,12 +379,11 @@ class Validator(node.NodeBase):
             )  # fmt: skip
         return SubmissionResult(**base, status="ok", content_hash=digest, kl=kl.tolist(), longctx=longctx)
 
-    def _known_originals(self, digest: str) -> list[Submission]:
-        out = []
-        for h, origin in self.state.origins.items():
-            prints = self.states.fingerprint(h)
-            out.append(Submission(origin.hotkey, origin.block, h, prints))
-        return out
+    def _known_originals(self) -> list[Submission]:
+        return [
+            Submission(origin.hotkey, origin.block, h, self.states.fingerprint(h))
+            for h, origin in self.state.origins.items()
+        ]
 
     def kl_scores(self, model, prompts: KLPrompts, deadline: float) -> np.ndarray | None:
         from validator_tasks.kl_eval import per_prompt_kl
@@ -402,11 +392,10 @@ class Validator(node.NodeBase):
         for tokens, topk in zip(prompts.tokens, prompts.topk, strict=True):
             if time.monotonic() > deadline:
                 return None
-            values.append(
-                per_prompt_kl(model, [(tokens, topk)], score_from=self.cfg.kl.score_from, device=self.device)[
-                    0
-                ]
+            (value,) = per_prompt_kl(
+                model, [(tokens, topk)], score_from=self.cfg.kl.score_from, device=self.device
             )
+            values.append(value)
         return np.asarray(values, dtype=np.float64)
 
     def longctx_scores(self, path: Path, current: RoundState, deadline: float) -> tuple[list[float], str]:
@@ -466,43 +455,41 @@ class Validator(node.NodeBase):
                 out[uid] = value
         return out
 
-    def set_weights(self) -> bool:
+    def set_weights(self) -> None:
+        """Set the moving average as weights for the round (a refusal is recorded and retried)."""
         current = self.state.current or self.state.last
         if current is None or current.weights_block is not None:
-            return True
+            return
         weights = self.weights_by_uid()
         if not weights:
             log.warning("round %d: no submission earned a weight; nothing to set", current.number)
             current.weights_error = "no weights to set"
-            self.save()
-            return True
-        try:
-            current.weights_block = self.chain.set_weights(weights)
-            current.weights_error = ""
-            self.c_weights.labels(outcome="ok").inc()
-            log.info(
-                "round %d: weights set at block %d: %s",
-                current.number,
-                current.weights_block,
-                ", ".join(f"uid {u}: {w:.4g}" for u, w in sorted(weights.items())),
-            )
-            return_value = True
-        except RateLimited as e:
-            current.weights_error = str(e)
-            self.c_weights.labels(outcome="rate_limited").inc()
-            log.info(
-                "round %d: weights rate limited (%d blocks left); will retry", current.number, e.blocks_left
-            )
-            return_value = False
-        except ChainUnavailable:
-            raise
-        except ChainError as e:
-            current.weights_error = str(e)
-            self.c_weights.labels(outcome="error").inc()
-            log.error("round %d: set_weights refused: %s", current.number, e)
-            return_value = False
+        else:
+            try:
+                current.weights_block = self.chain.set_weights(weights)
+                current.weights_error = ""
+                self.c_weights.labels(outcome="ok").inc()
+                log.info(
+                    "round %d: weights set at block %d: %s",
+                    current.number,
+                    current.weights_block,
+                    ", ".join(f"uid {u}: {w:.4g}" for u, w in sorted(weights.items())),
+                )
+            except RateLimited as e:
+                current.weights_error = str(e)
+                self.c_weights.labels(outcome="rate_limited").inc()
+                log.info(
+                    "round %d: weights rate limited (%d blocks left); will retry",
+                    current.number,
+                    e.blocks_left,
+                )
+            except ChainUnavailable:
+                raise
+            except ChainError as e:
+                current.weights_error = str(e)
+                self.c_weights.labels(outcome="error").inc()
+                log.error("round %d: set_weights refused: %s", current.number, e)
         self.save()
-        return return_value
 
     def retry_weights(self) -> None:
         last = self.state.last
