@@ -14,18 +14,38 @@ from distill.config import CacheConfig, DataConfig, TrainConfig
 from distill.data import iter_samples, iter_texts
 from distill.sources import CacheStream, ListStream, SampleStream, TextStream, teacher_fetcher
 from distill.types import Teacher
+from quasar.errors import CheckpointError
 
 log = logging.getLogger("distill")
 
 
+def tokenizer_dir(path: str) -> str:
+    """The directory behind a tokenizer argument: `path` itself when it is a directory, else the
+    cached directory of a builtin name (`quasar.tokenizers.BUILTIN_TOKENIZERS`: qwen3.5, qwen3),
+    built on first use. A directory wins over a builtin name it happens to share."""
+    from quasar.tokenizers import BUILTIN_TOKENIZERS, BuiltinTokenizerError, builtin_tokenizer
+
+    if Path(path).is_dir():
+        return path
+    if path not in BUILTIN_TOKENIZERS:
+        raise ConfigError(
+            f"tokenizer directory {path!r} does not exist (nor is it a builtin tokenizer name: "
+            f"{', '.join(BUILTIN_TOKENIZERS)})"
+        )
+    try:
+        return str(builtin_tokenizer(path))
+    except (BuiltinTokenizerError, OSError) as e:
+        raise ConfigError(f"cannot provide the builtin tokenizer {path!r}: {e}") from e
+
+
 def load_tokenizer(path: str):
-    """A local tokenizer directory (transformers format); never runs remote code."""
+    """A local tokenizer directory (transformers format) or a builtin tokenizer name (`tokenizer_dir`);
+    never runs remote code."""
     from transformers import AutoTokenizer
 
     import quasar  # noqa: F401  (registers model_type "quasar", which AutoTokenizer reads from config.json)
 
-    if not Path(path).is_dir():
-        raise ConfigError(f"tokenizer directory {path!r} does not exist")
+    path = tokenizer_dir(path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:
@@ -57,7 +77,11 @@ def _tokenizer_fingerprint(path: str | None) -> str | None:
 
     if path is None:
         return None
+    from quasar.tokenizers import BUILTIN_TOKENIZERS
+
     file = Path(path) / "tokenizer.json"
+    if not file.exists() and path in BUILTIN_TOKENIZERS:  # a builtin name: the vocabulary it stands for
+        file = Path(tokenizer_dir(path)) / "tokenizer.json"
     return hashlib.sha256(file.read_bytes()).hexdigest()[:16] if file.exists() else str(path)
 
 
@@ -261,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             run_cache(build_config(CacheConfig, namespace, args.config))
         else:
             run_train(build_config(TrainConfig, namespace, args.config))
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:  # bad settings or a checkpoint that is not ours
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -27,7 +27,7 @@ class DataConfig(BaseModel):
     text_field: str = Field("text", description="JSONL / dataset field holding the text")
     tokenizer: str | None = Field(
         None,
-        description="student tokenizer directory (transformers format); the cache and checkpoints record it",
+        description="student tokenizer: a directory (transformers format) or a builtin name (qwen3.5, qwen3); the cache and checkpoints record it",
     )
     sample_len: int = Field(
         512,
@@ -53,12 +53,19 @@ class DataConfig(BaseModel):
         return self
 
 
+# The names of quasar.configuration.PRESETS (kept here so that --help does not import transformers;
+# a test checks that the two agree).
+PresetName = Literal["tiny", "small", "3b-a1b", "published-3b-a1b"]
+
+
 class StudentConfig(BaseModel):
     model_config = Strict
 
-    preset: Literal["tiny", "small", "3b-a1b"] = Field("tiny", description="Quasar preset for a new student")
+    preset: PresetName = Field("tiny", description="Quasar preset for a new student")
     init_from: str | None = Field(
-        None, description="start from this Quasar checkpoint directory instead of a fresh preset"
+        None,
+        description="start from this Quasar checkpoint directory instead of a fresh preset (a published "
+        "silx-ai checkpoint: convert it first with python -m quasar import-published)",
     )
     position_mode: Literal["rope", "none"] | None = Field(
         None,
@@ -111,7 +118,7 @@ class TrainConfig(BaseModel):
     teacher: TeacherConfig | None = Field(None, description="live teacher (when not training from a cache)")
     teacher_tokenizer: str | None = Field(
         None,
-        description="the teacher's tokenizer, when it differs from the student's (byte-offset alignment)",
+        description="the teacher's tokenizer (a directory or a builtin name: qwen3.5, qwen3), when it differs from the student's (byte-offset alignment)",
     )
     student: StudentConfig = Field(default_factory=StudentConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -154,7 +161,7 @@ class CacheConfig(BaseModel):
     teacher: TeacherConfig = Field(description="the teacher to score samples with")
     teacher_tokenizer: str | None = Field(
         None,
-        description="the teacher's tokenizer, when it differs from the student's (byte-offset alignment)",
+        description="the teacher's tokenizer (a directory or a builtin name: qwen3.5, qwen3), when it differs from the student's (byte-offset alignment)",
     )
     k: int = Field(128, ge=1, le=4096, description="top-k log-probs stored per position")
     data: DataConfig = Field(default_factory=DataConfig)

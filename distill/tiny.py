@@ -8,6 +8,9 @@
 - `build_qwen3_teacher()`: a small Qwen3 causal LM (the architecture of the Qwen teachers, and one
   vLLM serves) for a tokenizer, optionally trained for a few hundred steps so its predictions carry
   real structure.
+- `OracleTeacher`: a `Teacher` over any byte-level vocabulary that knows the text it is asked
+  about (probability p on the true next token), for measuring and testing cross-tokenizer
+  alignment with real vocabularies without a real model.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from distill.types import TopK
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -158,3 +164,60 @@ def _train_next_token(model, tokenizer, texts, steps, seq_len, batch_size, lr, s
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+
+
+class OracleTeacher:
+    """A deterministic `Teacher` for a tokenizer's vocabulary that knows the text it is asked about.
+
+    Row t puts probability `p` on the token that really comes next, x_t, and `spread` evenly on up
+    to k - 1 other tokens whose bytes are a prefix of the text from x_t on, longest first (the
+    guesses of a model unsure where the next token ends: shorter than x_t, or running into the
+    token after it); the rest of the mass is the tail. No model is involved: what alignment makes of
+    such rows depends only on the two vocabularies and the text.
+    """
+
+    MAX_CANDIDATE_BYTES = 64  # longer vocabulary entries (runs of spaces, rules) are never guesses
+
+    def __init__(self, tokenizer, *, p: float = 0.9, spread: float = 0.08, name: str = "oracle") -> None:
+        from distill.teachers.align import token_bytes
+
+        if not (0 < p <= 1 and 0 <= spread <= 1 - p and spread < p):
+            raise ValueError(
+                f"need 0 < p <= 1, 0 <= spread <= 1 - p and spread < p; got p={p}, spread={spread}"
+            )
+        self.p, self.spread = p, spread
+        self._bytes = token_bytes(tokenizer)
+        self._ids: dict[bytes, int] = {}
+        for i, b in enumerate(self._bytes):
+            if b:
+                self._ids.setdefault(b, i)
+        self.vocab_size = len(self._bytes)
+        self.name = f"{name}-p{p:g}-s{spread:g}"
+
+    def topk(self, sequences: list[list[int]], k: int) -> list[TopK]:
+        return [self._rows(list(seq), k) for seq in sequences]
+
+    def _rows(self, seq: list[int], k: int) -> TopK:
+        rows = TopK.empty_rows(len(seq), k)
+        pieces = [self._bytes[i] or b"" for i in seq]
+        text = b"".join(pieces)
+        starts = np.concatenate([[0], np.cumsum([len(b) for b in pieces])]).tolist()
+        for t in range(1, len(seq)):
+            window = text[starts[t] : starts[t] + self.MAX_CANDIDATE_BYTES]
+            guesses: list[int] = []
+            for n in range(len(window), 0, -1):
+                j = self._ids.get(window[:n])
+                if j is not None and j != seq[t]:
+                    guesses.append(j)
+                    if len(guesses) == k - 1:
+                        break
+            each = self.spread / len(guesses) if guesses else 0.0
+            probs = [self.p] + [each] * len(guesses)
+            rows.token_ids[t, : len(probs)] = [seq[t], *guesses]
+            with np.errstate(divide="ignore"):
+                rows.logprobs[t, : len(probs)] = np.log(probs)
+                rows.tail_logprob[t] = np.log1p(-min(sum(probs), 1.0))
+        return rows
+
+    def close(self) -> None:
+        pass

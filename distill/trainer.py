@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distill.cliconfig import ConfigError
 from distill.config import TrainConfig
 from distill.data import pack_windows
 from distill.losses import LossConfig, distillation_loss, per_position_kl
@@ -99,7 +100,14 @@ def resolve_device(name: str, d: Dist) -> torch.device:
 def build_student(cfg: TrainConfig, vocab_size: int | None) -> QuasarForCausalLM:
     s = cfg.student
     if s.init_from:
-        model = load_checkpoint(s.init_from)
+        # fp32 master weights whatever the checkpoint's dtype (an imported base is bf16); autocast
+        # runs the compute in bf16 on GPUs.
+        model = load_checkpoint(s.init_from, dtype=torch.float32)
+        if vocab_size is not None and vocab_size > model.config.vocab_size:
+            raise ConfigError(
+                f"--student.init_from {s.init_from}: the tokenizer has {vocab_size:,} tokens but the checkpoint's "
+                f"vocabulary has {model.config.vocab_size:,} rows; use the tokenizer the checkpoint was made for"
+            )
         model.config.attention_backend = s.attention_backend
         for block in model.model.blocks:
             block.mixer.backend = s.attention_backend

@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from distill.cliconfig import ConfigError, add_model_flags, build_layered_config
+from distill.config import PresetName
 from distill.teachers import TeacherConfig
 
 Strict = ConfigDict(extra="forbid")
@@ -135,17 +136,43 @@ class CompetitionSettings(BaseModel):
 
     tokenizer: str | None = Field(
         None,
-        description="the competition's tokenizer directory (the students' vocabulary; "
-        "default on embedded: the dev kit's)",
+        description="the competition's tokenizer: a directory or a built-in name (qwen3.5); the "
+        "students' vocabulary (default: the dev kit's on embedded, qwen3.5 elsewhere)",
     )
-    preset: Literal["tiny", "small", "3b-a1b"] = Field(
-        "tiny", description="Quasar preset students start from (miners) and must match (validators)"
+    preset: PresetName | None = Field(
+        None,
+        description="Quasar preset new students start from (miners) and submissions must match "
+        "(validators); default tiny. Not with --competition.base",
+    )
+    base: str | None = Field(
+        None,
+        description="the base checkpoint every student starts from and whose architecture submissions "
+        "must match: a directory of ours, a published silx-ai directory, or a Hub id with "
+        "--competition.base_revision (e.g. silx-ai/Quasar-3B-A1B-Preview)",
+    )
+    base_revision: str | None = Field(
+        None, description="the Hub commit sha (40 hex characters) of --competition.base when it is a Hub id"
     )
     fixed_fields: list[str] = Field(
         default_factory=lambda: ["vocab_size", "hidden_size", "num_hidden_layers", "layer_pattern"],
         description="QuasarConfig fields a submission must share with the preset",
     )
     max_parameters: int = Field(3_500_000_000, ge=1, description="parameter budget of a submission")
+
+    @model_validator(mode="after")
+    def _one_architecture(self) -> CompetitionSettings:
+        if self.base is not None and self.preset is not None:
+            raise ValueError(
+                "give --competition.base or --competition.preset, not both: the base's architecture is the "
+                "competition's"
+            )
+        if self.base_revision is not None and self.base is None:
+            raise ValueError("--competition.base_revision needs --competition.base")
+        return self
+
+    @property
+    def preset_name(self) -> str:
+        return self.preset or "tiny"
 
 
 class NodeSettings(BaseModel):
@@ -176,18 +203,10 @@ class NodeSettings(BaseModel):
     @model_validator(mode="after")
     def _needs_real_settings(self) -> NodeSettings:
         if not self.subtensor.embedded:
-            missing = [
-                flag
-                for flag, value in (
-                    ("--teacher.kind/--teacher.model", self.teacher),
-                    ("--competition.tokenizer", self.competition.tokenizer),
-                )
-                if value is None
-            ]
-            if missing:
+            if self.teacher is None:
                 raise ValueError(
                     f"on network {self.subtensor.chain_endpoint or self.subtensor.network} give "
-                    f"{' and '.join(missing)} (the dev kit defaults exist only on the embedded chain)"
+                    "--teacher.kind/--teacher.model (the dev kit defaults exist only on the embedded chain)"
                 )
             if self.store.kind == "local":
                 raise ValueError(

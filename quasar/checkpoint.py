@@ -19,17 +19,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from quasar.configuration import QuasarConfig
+from quasar.configuration import PUBLISHED_FORMAT_KEYS, QuasarConfig
+from quasar.errors import CheckpointError
 from quasar.files import fsync_dir
 from quasar.modeling import QuasarForCausalLM
 
 # Fields that choose how the model runs, not what it is: they may differ between checkpoint and expectation.
 RUNTIME_FIELDS = frozenset({"attention_backend", "use_cache"})
 MAX_CONFIG_BYTES = 1 << 20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as the expected Quasar model; the message says why."""
 
 
 def architecture_fields() -> list[str]:
@@ -98,6 +95,13 @@ def read_checkpoint_config(path: str | Path) -> QuasarConfig:
     if not isinstance(raw, dict) or raw.get("model_type") != "quasar":
         found = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"{cfg_file}: model_type is {found!r}, expected 'quasar'")
+    published = sorted(PUBLISHED_FORMAT_KEYS & set(raw))
+    if published:
+        raise CheckpointError(
+            f"{cfg_file}: a checkpoint in the published silx-ai Quasar format (fields "
+            f"{', '.join(published[:3])}, ...), not ours: convert it once with "
+            f"`python -m quasar import-published {path} OUT` and load OUT"
+        )
     if raw.get("auto_map"):
         raise CheckpointError(
             f"{cfg_file}: declares auto_map (custom code); only the built-in Quasar classes are loaded"
@@ -122,6 +126,59 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
+def expected_tensor_shapes(config: QuasarConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of `config` holds, with its shape (a tied lm_head is not stored)."""
+    with torch.device("meta"):
+        model = QuasarForCausalLM(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def check_weight_files(path: str | Path, config: QuasarConfig) -> list[Path]:
+    """Check the safetensors headers of a checkpoint against its config, reading no tensor data:
+    every tensor present once, none missing or unexpected, each with the implied shape and a
+    floating-point dtype. Returns the weight files; raises CheckpointError naming the first problem."""
+    path = Path(path)
+    expected = expected_tensor_shapes(config)
+    found: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    files = _weight_files(path)
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                    if name in found:
+                        raise CheckpointError(
+                            f"{f.name}: tensor {name!r} appears in more than one weight file"
+                        )
+                    sl = handle.get_slice(name)
+                    found[name] = (f.name, tuple(sl.get_shape()), sl.get_dtype())
+        except CheckpointError:
+            raise
+        except Exception as e:  # a corrupt or truncated header
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    unexpected = sorted(set(found) - set(expected))
+    missing = sorted(set(expected) - set(found))
+    if unexpected:
+        raise CheckpointError(
+            f"{path}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+            "(the weights are not those of the model config.json describes)"
+        )
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, (file, shape, dtype) in found.items():
+        if shape != expected[name]:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {shape}, the config implies {expected[name]}"
+            )
+        if dtype not in ("F64", "F32", "F16", "BF16"):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} in {file} has dtype {dtype}, expected floating point"
+            )
+    return files
+
+
 def load_checkpoint(
     path: str | Path,
     expected_config: QuasarConfig | None = None,
@@ -140,39 +197,18 @@ def load_checkpoint(
         for name in RUNTIME_FIELDS:
             setattr(config, name, getattr(expected_config, name))
 
+    files = check_weight_files(path, config)  # names, shapes and dtypes, before any data is read
     with torch.device("meta"):
         model = QuasarForCausalLM(config)
-    expected_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    tied = config.tie_word_embeddings
 
     state: dict[str, torch.Tensor] = {}
-    for f in _weight_files(path):
-        with safe_open(f, framework="pt") as handle:
-            names = list(handle.keys())
-        for name in names:
-            if name in state:
-                raise CheckpointError(f"{f.name}: tensor {name!r} appears in more than one weight file")
+    for f in files:
         state.update(load_file(f, device=str(device)))
-
-    unexpected = sorted(set(state) - set(expected_shapes))
-    missing = sorted(set(expected_shapes) - set(state) - tied)
-    if unexpected:
-        raise CheckpointError(
-            f"{path}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-        )
-    if missing:
-        raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != expected_shapes[name]:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {expected_shapes[name]}"
-            )
-        if not tensor.is_floating_point():
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected floating point"
-            )
-        if check_finite and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{path}: tensor {name!r} contains NaN or infinite values")
+    if check_finite:
+        for name, tensor in state.items():
+            if not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"{path}: tensor {name!r} contains NaN or infinite values")
 
     if dtype is not None:
         keep_fp32 = {k for k in state if k.startswith("model.router_balance.")}

@@ -6,8 +6,35 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from quasar.errors import CheckpointError
+
 LAYER_KINDS = {"Q": "quasar", "G": "gla"}
 POSITION_MODES = ("rope", "none")
+ROUTER_MIXINGS = ("sigmoid", "softmax")
+
+# Keys transformers itself writes into (or passes through) a config.json; everything else in a
+# config.json must be a QuasarConfig field.
+_TRANSFORMERS_KEYS = frozenset(
+    {
+        "_name_or_path", "name_or_path", "_commit_hash", "_attn_implementation_autoset",
+        "architectures", "transformers_version", "model_type", "dtype", "torch_dtype",
+        "attn_implementation", "experts_implementation", "num_labels", "id2label", "label2id",
+        "output_attentions", "output_hidden_states", "return_dict", "problem_type",
+        "is_encoder_decoder", "chunk_size_feed_forward",
+    }
+)  # fmt: skip
+
+# Fields only the published silx-ai configuration class has: a config.json with these is in the
+# published format, which our classes must not load as if it were ours (`import-published` converts it).
+PUBLISHED_FORMAT_KEYS = frozenset(
+    {"d_model", "n_layers", "n_heads", "d_ff", "quasar_layers", "gated_layers", "hybrid_layer_types",
+     "moe_type", "num_routed_experts", "routed_expert_size", "shared_expert_size", "bigmac_r",
+     "dense_input_layers", "use_gla_first"}
+)  # fmt: skip
+
+
+class ConfigFieldError(CheckpointError):
+    """A config.json (or keyword) that is not a QuasarConfig: unknown fields, or the published format."""
 
 
 class QuasarConfig(PretrainedConfig):
@@ -17,6 +44,26 @@ class QuasarConfig(PretrainedConfig):
     ("Q" = Quasar attention + latent memory, "G" = gated linear attention). The body runs
     `num_loops` times with the same weights. The first `dense_layers` blocks use a dense
     SwiGLU FFN, the rest a SMEBU mixture of experts (when `num_experts > 0`).
+
+    Options that let the model reproduce the published Quasar-3B-A1B exactly (`published-3b-a1b`
+    preset, `python -m quasar import-published`); the defaults are ours for new models:
+
+    - `position_mode`: "rope" applies RoPE (theta `rope_theta`) to q and k of the Quasar blocks;
+      "none" applies no positions at all (DroPE). The published code computes RoPE and never applies
+      it, so the published model is "none".
+    - `data_dependent_beta`: the EFLA step beta = softplus(per-head bias + a linear function of the
+      token) when True; False leaves beta one learned constant per head, as published.
+    - `quasar_attention_scale`: o_t = scale * S_t^T q_t in Quasar attention; None means
+      head_dim^-1/2 (ours), the published layer uses 1.0.
+    - `use_memory`: the causal latent memory in every Quasar block. The published memory (on the GLA
+      layers) writes the whole sequence before it reads, so every token reads the future; it is
+      never imported, and a published model is "no memory" (or ours added with a closed read).
+    - `router_mixing`: how the chosen experts' outputs are weighted. "sigmoid" (ours): the chosen
+      experts' sigmoid scores, normalised to sum 1; "softmax" (published): a softmax over the chosen
+      experts' raw router logits. Either way the SMEBU bias only chooses, it never weighs.
+    - `gla_norm_eps`: epsilon of the GLA output RMSNorm; None means `rms_norm_eps`. The published
+      GLA layer keeps its library default of 1e-5 while every other norm uses 1e-6.
+    - `residual_scale`: the branch scale r of every block (published 0.1).
     """
 
     model_type = "quasar"
@@ -37,12 +84,14 @@ class QuasarConfig(PretrainedConfig):
         beta_init_max: float = 16.0,
         data_dependent_beta: bool = True,
         output_gate_rank: int = 128,
+        quasar_attention_scale: float | None = None,
         # GLA
         gla_num_heads: int | None = None,
         gla_expand_k: float = 0.5,
         gla_expand_v: float = 1.0,
         gla_gate_rank: int = 16,
         gla_gate_logit_normalizer: float = 16.0,
+        gla_norm_eps: float | None = None,
         # latent memory (inside each Quasar block)
         use_memory: bool = True,
         memory_slots: int = 128,
@@ -63,6 +112,7 @@ class QuasarConfig(PretrainedConfig):
         smebu_lambda: float = 2e-3,
         smebu_beta: float = 0.5,
         router_bias_clamp: float = 10.0,
+        router_mixing: str = "sigmoid",
         # loop and injection
         use_looped_injection: bool = False,
         looped_injection_init: float = 0.1,
@@ -82,6 +132,7 @@ class QuasarConfig(PretrainedConfig):
         pad_token_id: int | None = None,
         **kwargs: Any,
     ):
+        _refuse_foreign_fields(kwargs)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -94,11 +145,13 @@ class QuasarConfig(PretrainedConfig):
         self.beta_init_max = beta_init_max
         self.data_dependent_beta = data_dependent_beta
         self.output_gate_rank = output_gate_rank
+        self.quasar_attention_scale = quasar_attention_scale
         self.gla_num_heads = num_heads if gla_num_heads is None else gla_num_heads
         self.gla_expand_k = gla_expand_k
         self.gla_expand_v = gla_expand_v
         self.gla_gate_rank = gla_gate_rank
         self.gla_gate_logit_normalizer = gla_gate_logit_normalizer
+        self.gla_norm_eps = gla_norm_eps
         self.use_memory = use_memory
         self.memory_slots = memory_slots
         self.memory_dim = memory_dim
@@ -116,6 +169,7 @@ class QuasarConfig(PretrainedConfig):
         self.smebu_lambda = smebu_lambda
         self.smebu_beta = smebu_beta
         self.router_bias_clamp = router_bias_clamp
+        self.router_mixing = router_mixing
         self.use_looped_injection = use_looped_injection
         self.looped_injection_init = looped_injection_init
         self.scale_injection_grad = scale_injection_grad
@@ -152,6 +206,10 @@ class QuasarConfig(PretrainedConfig):
         if self.num_experts == 0:
             return []
         return list(range(self.dense_layers, self.num_hidden_layers))
+
+    @property
+    def gla_output_norm_eps(self) -> float:
+        return self.rms_norm_eps if self.gla_norm_eps is None else self.gla_norm_eps
 
     @property
     def gla_key_dim(self) -> int:
@@ -200,6 +258,16 @@ class QuasarConfig(PretrainedConfig):
             "hidden_size * gla_expand_v must be a positive multiple of gla_num_heads",
         )
         need(self.gla_gate_logit_normalizer > 0, "gla_gate_logit_normalizer", "must be positive")
+        need(
+            self.gla_norm_eps is None or self.gla_norm_eps > 0,
+            "gla_norm_eps",
+            "must be positive or None (rms_norm_eps)",
+        )
+        need(
+            self.quasar_attention_scale is None or self.quasar_attention_scale > 0,
+            "quasar_attention_scale",
+            "must be positive or None (head_dim^-1/2)",
+        )
         if self.use_memory:
             need(self.memory_slots > 0, "memory_slots", "must be positive")
             need(self.memory_dim > 0, "memory_dim", "must be positive")
@@ -230,6 +298,7 @@ class QuasarConfig(PretrainedConfig):
         need(self.smebu_lambda >= 0, "smebu_lambda", "must be >= 0")
         need(0 <= self.smebu_beta < 1, "smebu_beta", "must be in [0, 1)")
         need(self.router_bias_clamp > 0, "router_bias_clamp", "must be positive")
+        need(self.router_mixing in ROUTER_MIXINGS, "router_mixing", f"must be one of {ROUTER_MIXINGS}")
         need(0 < self.looped_injection_init < 1, "looped_injection_init", "must be in (0, 1)")
         need(self.position_mode in POSITION_MODES, "position_mode", f"must be one of {POSITION_MODES}")
         need(self.rope_theta > 0, "rope_theta", "must be positive")
@@ -246,10 +315,29 @@ class QuasarConfig(PretrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> QuasarConfig:
-        """A named configuration: "tiny" (unit tests), "small" (CPU experiments), "3b-a1b" (the published shape)."""
+        """A named configuration: "tiny" (unit tests), "small" (CPU experiments), "3b-a1b" (the published
+        shape, our architecture), "published-3b-a1b" (the published model as imported)."""
         if name not in PRESETS:
             raise ValueError(f"unknown Quasar preset {name!r}; available: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def _refuse_foreign_fields(kwargs: dict[str, Any]) -> None:
+    """Keyword arguments beyond our fields must be ones transformers itself uses; a published-format
+    config.json gets told how to convert it instead of silently becoming a default model."""
+    published = sorted(PUBLISHED_FORMAT_KEYS & set(kwargs))
+    if published:
+        raise ConfigFieldError(
+            f"this is a configuration in the published silx-ai Quasar format (fields {', '.join(published[:4])}"
+            f"{', ...' if len(published) > 4 else ''}), which QuasarConfig does not read: convert the checkpoint "
+            "once with `python -m quasar import-published SRC OUT` and load OUT"
+        )
+    unknown = sorted(k for k in kwargs if k not in _TRANSFORMERS_KEYS)
+    if unknown:
+        raise ConfigFieldError(
+            f"QuasarConfig has no field(s) {', '.join(map(repr, unknown))}: remove them from the config, "
+            "or check the spelling against quasar/configuration.py"
+        )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -300,6 +388,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         shared_expert_intermediate_size=512,
         max_position_embeddings=16_384,
     ),
-    # The published Quasar-3B-A1B shape (reference.md section 1.1), with the defects fixed.
+    # The published Quasar-3B-A1B shape (reference.md section 1.1), with our choices for a new model
+    # (RoPE, data-dependent beta, causal memory, normalised sigmoid mixing, D^-1/2 output scale).
     "3b-a1b": dict(),
+    # Exactly what `import-published` makes of silx-ai/Quasar-3B-A1B-Preview: the published shape
+    # and forward pass (no positions, constant beta per head, output scale 1, no memory, softmax
+    # mixing, GLA norm eps 1e-5). 2,890,518,720 parameters: the published checkpoint's 2,901,843,184
+    # less its non-causal memory (8 x 1,415,555) and its 24 injection gates, which are not imported.
+    "published-3b-a1b": dict(
+        data_dependent_beta=False,
+        quasar_attention_scale=1.0,
+        gla_norm_eps=1e-5,
+        use_memory=False,
+        router_mixing="softmax",
+        position_mode="none",
+    ),
 }

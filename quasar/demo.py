@@ -10,7 +10,7 @@ import time
 import typing
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from quasar.configuration import PRESETS, QuasarConfig
 from quasar.modeling import QuasarForCausalLM
@@ -132,21 +132,3 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
             default=field.default,
             help=f"{field.description or name} (default: {field.default})",
         )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m quasar", description="Quasar student model tools")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo", help="stream a long random context through a preset and generate a few tokens"
-    )
-    add_demo_arguments(demo)
-    args = parser.parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if k != "command"}
-    try:
-        cfg = DemoConfig(**values)
-    except ValidationError as e:
-        for err in e.errors():
-            parser.error(f"--{'-'.join(str(p) for p in err['loc'])}: {err['msg']}")
-    run_demo(cfg)
-    return 0

@@ -49,6 +49,27 @@ class LatentMemory(nn.Module):
         self.out_proj = nn.Linear(m, d, bias=False)
         self.read_gate = nn.Linear(d, 1, bias=True)
 
+    @torch.no_grad()
+    def reset_parameters(
+        self, config: QuasarConfig, out_std: float, init=nn.init, closed_read: bool = False
+    ) -> None:
+        """Fresh values for the memory's own tensors (its saliency, summary and query projections are
+        plain linears, initialised as every linear is). `init` is torch.nn.init or transformers'
+        initialization module (same functions). The read enters through a gate that starts almost
+        closed; `closed_read` also zeroes the read projection, so the memory adds exactly nothing to
+        the block until training moves it (how a memory is added to an already trained model)."""
+        init.normal_(self.memory_init, mean=0.0, std=self.dim**-0.5)
+        init.normal_(self.pool_query, mean=0.0, std=self.dim**-0.5)
+        init.zeros_(self.slot_log_temperature)
+        rate = config.memory_write_rate_init
+        init.constant_(self.write_rate_logit, math.log(rate / (1.0 - rate)))
+        if closed_read:
+            init.zeros_(self.out_proj.weight)
+        else:
+            init.normal_(self.out_proj.weight, mean=0.0, std=out_std)
+        init.zeros_(self.read_gate.weight)
+        init.constant_(self.read_gate.bias, config.memory_read_gate_bias_init)
+
     def initial_state(self, batch_size: int, device, dtype=torch.float32) -> State:
         m = self.dim
         return {

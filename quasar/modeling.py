@@ -180,6 +180,60 @@ class QuasarPreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules = ["router_balance"]
     supports_gradient_checkpointing = True
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' loader, made as strict as `quasar.checkpoint.load_checkpoint`: safetensors
+        only; a config.json field that is not ours (or the published silx-ai format, which has its
+        importer), a missing, unexpected or mis-shaped tensor, or a non-finite value raises
+        CheckpointError instead of leaving randomly initialised weights behind a warning."""
+        from pathlib import Path
+
+        from quasar.checkpoint import check_weight_files, read_checkpoint_config
+        from quasar.errors import CheckpointError
+
+        if kwargs.get("ignore_mismatched_sizes") or kwargs.get("use_safetensors") is False:
+            raise CheckpointError(
+                "Quasar checkpoints load strictly from safetensors: ignore_mismatched_sizes=True and "
+                "use_safetensors=False are not supported"
+            )
+        kwargs["use_safetensors"] = True
+        want_info = kwargs.pop("output_loading_info", False)
+        local = Path(str(pretrained_model_name_or_path)).expanduser()
+        if local.is_dir():
+            # Checked before transformers reads any tensor, so the error names what is wrong.
+            given = kwargs.get("config")
+            config = given if isinstance(given, QuasarConfig) else read_checkpoint_config(local)
+            check_weight_files(local, config)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except RuntimeError as e:
+            if "ignore_mismatched_sizes" in str(e):
+                raise CheckpointError(
+                    f"{pretrained_model_name_or_path}: a tensor's shape does not match its config.json"
+                ) from None
+            raise
+        problems = []
+        for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "mis-shaped")):  # fmt: skip
+            names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
+            if names:
+                problems.append(f"{what} tensors {names[:5]}{' ...' if len(names) > 5 else ''}")
+        if info.get("error_msgs"):
+            problems.append("; ".join(map(str, info["error_msgs"]))[:500])
+        if problems:
+            raise CheckpointError(f"{pretrained_model_name_or_path}: " + "; ".join(problems))
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if (
+                tensor.is_floating_point()
+                and tensor.device.type != "meta"
+                and not bool(torch.isfinite(tensor).all())
+            ):
+                raise CheckpointError(
+                    f"{pretrained_model_name_or_path}: tensor {name!r} contains NaN or infinite values"
+                )
+        return (model, info) if want_info else model
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         cfg = self.config
@@ -212,15 +266,7 @@ class QuasarPreTrainedModel(PreTrainedModel):
         elif isinstance(module, GatedLinearAttention):
             init.normal_(module.o_proj.weight, mean=0.0, std=out_std)
         elif isinstance(module, LatentMemory):
-            init.normal_(module.memory_init, mean=0.0, std=module.dim**-0.5)
-            init.normal_(module.pool_query, mean=0.0, std=module.dim**-0.5)
-            init.zeros_(module.slot_log_temperature)
-            rate = cfg.memory_write_rate_init
-            init.constant_(module.write_rate_logit, math.log(rate / (1.0 - rate)))
-            init.normal_(module.out_proj.weight, mean=0.0, std=out_std)
-            # The read enters through a gate that starts almost closed.
-            init.zeros_(module.read_gate.weight)
-            init.constant_(module.read_gate.bias, cfg.memory_read_gate_bias_init)
+            module.reset_parameters(cfg, out_std, init)
         elif isinstance(module, SMEBUMoE):
             init.normal_(module.experts_gate_up, mean=0.0, std=std)
             init.normal_(module.experts_down, mean=0.0, std=out_std)

@@ -2,7 +2,8 @@
 
 Routing: scores s = sigmoid(W_r x) in fp32. Experts are *chosen* by top-k of s + b, where b is the
 SMEBU bias of this layer; the chosen experts are *mixed* with s of the chosen experts normalised
-to sum 1, never with b. The same function runs in training and evaluation (no train-only scale),
+to sum 1 (`router_mixing="sigmoid"`), or with a softmax over their raw logits W_r x
+(`router_mixing="softmax"`, the published model's rule); never with b. The same function runs in training and evaluation (no train-only scale),
 and no token is ever dropped, so a token's output never depends on the rest of its batch.
 
 Balancing: b and its momentum live in `RouterBalance`, buffers outside the optimizer, one row per
@@ -73,6 +74,7 @@ class SMEBUMoE(nn.Module):
         super().__init__()
         d, E = config.hidden_size, config.num_experts
         self.num_experts, self.top_k = E, config.num_experts_per_tok
+        self.mixing = config.router_mixing
         latent = config.moe_latent_size or d
         hidden = config.expert_intermediate_size
         self.router = nn.Linear(d, E, bias=False)
@@ -86,10 +88,14 @@ class SMEBUMoE(nn.Module):
 
     def route(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, d] -> (chosen experts [N, k], mixing weights [N, k] fp32, scores [N, E] fp32)."""
-        scores = torch.sigmoid(self.router(x).float())
+        logits = self.router(x).float()
+        scores = torch.sigmoid(logits)
         chosen = torch.topk(scores + bias.float(), self.top_k, dim=-1).indices
-        weights = scores.gather(-1, chosen)
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+        if self.mixing == "softmax":
+            weights = torch.softmax(logits.gather(-1, chosen), dim=-1)
+        else:
+            weights = scores.gather(-1, chosen)
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
         return chosen, weights, scores
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -943,7 +943,8 @@ def test_lock_pins_what_pyproject_asks_for():
         lock[canonicalize_name(m.group(1))] = m.group(2)
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     marker_env = {"python_version": "3.11", "sys_platform": "linux", "platform_system": "Linux", "extra": ""}
-    wanted = project["dependencies"] + project["optional-dependencies"]["datasets"]
+    extras = project["optional-dependencies"]
+    wanted = project["dependencies"] + extras["datasets"] + extras["qwen"]
     for text in wanted:
         req = Requirement(text)
         if req.marker is not None and not req.marker.evaluate(marker_env):

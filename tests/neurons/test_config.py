@@ -160,13 +160,9 @@ def test_bad_yaml_is_an_error_naming_the_file_or_the_setting(tmp_path, capsys) -
     )
 
 
-def test_a_real_network_without_teacher_or_tokenizer_says_which_flags(capsys) -> None:
+def test_a_real_network_needs_a_teacher_and_defaults_the_tokenizer(capsys) -> None:
     message = _exit_message(ValidatorConfig, ["--subtensor.network", "finney"], capsys)
-    assert "on network finney give --teacher.kind/--teacher.model and --competition.tokenizer" in message
-    message = _exit_message(
-        MinerConfig, ["--subtensor.network", "test", "--competition.tokenizer", "/tok"], capsys
-    )
-    assert "give --teacher.kind/--teacher.model (" in message and "--competition.tokenizer" not in message
+    assert "on network finney give --teacher.kind/--teacher.model (" in message
     endpoint = [
         "--subtensor.chain_endpoint",
         "wss://node:443",
@@ -175,13 +171,22 @@ def test_a_real_network_without_teacher_or_tokenizer_says_which_flags(capsys) ->
         "--teacher.model",
         "t",
     ]
-    message = _exit_message(MinerConfig, endpoint, capsys)
-    assert "on network wss://node:443 give --competition.tokenizer" in message
-    complete = [*endpoint, "--competition.tokenizer", "/tok"]
-    cfg = _parse(MinerConfig, complete)
-    assert cfg.store_kind == "hf" and cfg.teacher.model == "t" and not cfg.subtensor.embedded
+    cfg = _parse(MinerConfig, endpoint)  # the tokenizer defaults to the built-in Qwen3.5 one
+    assert cfg.competition.tokenizer is None and cfg.store_kind == "hf" and not cfg.subtensor.embedded
+    cfg = _parse(MinerConfig, [*endpoint, "--competition.tokenizer", "/tok"])
+    assert cfg.competition.tokenizer == "/tok" and cfg.teacher.model == "t"
     # the local store cannot be shared off the embedded chain
-    assert "use --store.kind hf" in _exit_message(MinerConfig, [*complete, "--store.kind", "local"], capsys)
+    assert "use --store.kind hf" in _exit_message(MinerConfig, [*endpoint, "--store.kind", "local"], capsys)
+
+
+def test_competition_base_and_preset_are_exclusive(capsys) -> None:
+    message = _exit_message(MinerConfig, ["--competition.base", "/b", "--competition.preset", "tiny"], capsys)
+    assert "give --competition.base or --competition.preset, not both" in message
+    message = _exit_message(MinerConfig, ["--competition.base_revision", "0" * 40], capsys)
+    assert "--competition.base_revision needs --competition.base" in message
+    cfg = _parse(MinerConfig, ["--competition.preset", "published-3b-a1b"])
+    assert cfg.competition.preset_name == "published-3b-a1b"
+    assert _parse(MinerConfig, []).competition.preset_name == "tiny"
 
 
 def test_a_bad_flag_exits_2_naming_it(capsys) -> None:

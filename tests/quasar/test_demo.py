@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from quasar.demo import main
+from quasar.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,6 +19,57 @@ def test_3b_a1b_on_meta_has_the_published_size():
     assert config.vocab_size == 248_320 and config.rope_theta == 1e6
 
 
+def test_published_3b_a1b_is_the_published_model_as_imported():
+    config = QuasarConfig.from_preset("published-3b-a1b")
+    with torch.device("meta"):
+        model = QuasarForCausalLM(config)
+    # The published checkpoint's 2,901,843,184 less what is not imported: its non-causal memory on the
+    # 8 GLA layers (1,415,555 each) and its 24 looped-injection gates (tests/quasar/test_import_published.py).
+    assert model.parameter_counts()["total"] == 2_890_518_720 == 2_901_843_184 - 8 * 1_415_555 - 24
+    assert (config.position_mode, config.data_dependent_beta, config.use_memory) == ("none", False, False)
+    assert (config.router_mixing, config.quasar_attention_scale, config.gla_norm_eps) == (
+        "softmax",
+        1.0,
+        1e-5,
+    )
+    ours = QuasarConfig.from_preset("3b-a1b")
+    assert (ours.position_mode, ours.router_mixing, ours.quasar_attention_scale) == ("rope", "sigmoid", None)
+
+
+def test_preset_names_in_the_settings_match_the_presets():
+    from typing import get_args
+
+    from distill.config import PresetName
+
+    assert set(get_args(PresetName)) == set(quasar.PRESETS)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("router_mixing", "relu", "router_mixing='relu': must be one of"),
+        ("quasar_attention_scale", 0.0, "quasar_attention_scale=0.0: must be positive"),
+        ("gla_norm_eps", -1e-5, "gla_norm_eps=-1e-05: must be positive"),
+    ],
+)
+def test_published_options_are_validated(field, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        QuasarConfig.from_preset("tiny", **{field: value})
+
+
+def test_router_mixing_softmax_weighs_the_chosen_experts_by_their_raw_logits():
+    from quasar.moe import SMEBUMoE
+
+    torch.manual_seed(0)
+    moe = SMEBUMoE(QuasarConfig.from_preset("tiny", router_mixing="softmax"))
+    x = torch.randn(5, 64)
+    bias = torch.tensor([0.0, 0.0, 5.0, 0.0])  # forces expert 2 into every token's choice
+    chosen, weights, _ = moe.route(x, bias)
+    assert (chosen == 2).any(-1).all()
+    logits = moe.router(x).float()
+    torch.testing.assert_close(weights, torch.softmax(logits.gather(-1, chosen), -1))  # never the bias
+
+
 def test_active_count_is_derived_from_the_modules():
     config = QuasarConfig.from_preset("tiny")
     model = QuasarForCausalLM(config)
