@@ -112,13 +112,13 @@ def build_student(cfg: TrainConfig, vocab_size: int | None) -> QuasarForCausalLM
         for block in model.model.blocks:
             block.mixer.backend = s.attention_backend
     else:
-        overrides = dict(s.overrides)
-        if vocab_size is not None:
-            overrides.setdefault("vocab_size", vocab_size)
+        overrides = {"attention_backend": s.attention_backend, **s.overrides}
         torch.manual_seed(cfg.seed)
-        model = QuasarForCausalLM(
-            QuasarConfig.from_preset(s.preset, attention_backend=s.attention_backend, **overrides)
-        )
+        if vocab_size is not None:  # the preset's rows, grown to hold the tokenizer
+            config = QuasarConfig.for_tokenizer(s.preset, vocab_size, **overrides)
+        else:
+            config = QuasarConfig.from_preset(s.preset, **overrides)
+        model = QuasarForCausalLM(config)
     if s.position_mode is not None:
         # DroPE: the weights stay, RoPE is dropped (or restored); the saved config records the mode.
         model.config.position_mode = s.position_mode

@@ -109,12 +109,6 @@ def teacher_config(settings: NodeSettings, kit: DevKit | None, device: str):
     return TeacherConfig(kind="hf", model=str(kit.teacher), device=device)
 
 
-def competition_vocab_size(preset_vocab: int, tokenizer_size: int) -> int:
-    """The preset's vocabulary, grown to hold every token of the competition's tokenizer (real
-    vocabularies are padded: Qwen3.5's 248,077 tokens live in 248,320 rows)."""
-    return max(preset_vocab, tokenizer_size)
-
-
 def reference_config(settings: NodeSettings, tokenizer_size: int):
     """The architecture of the competition: the base's when there is one, else the preset's."""
     from quasar import QuasarConfig
@@ -129,10 +123,7 @@ def reference_config(settings: NodeSettings, tokenizer_size: int):
                 f"{config.vocab_size:,} rows: use the base's tokenizer (--competition.tokenizer)"
             )
         return config
-    preset = QuasarConfig.from_preset(settings.competition.preset_name)
-    return QuasarConfig.from_preset(
-        settings.competition.preset_name, vocab_size=competition_vocab_size(preset.vocab_size, tokenizer_size)
-    )
+    return QuasarConfig.for_tokenizer(settings.competition.preset_name, tokenizer_size)
 
 
 def competition(

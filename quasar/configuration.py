@@ -314,6 +314,14 @@ class QuasarConfig(PretrainedConfig):
     # ---- presets --------------------------------------------------------------------------------
 
     @classmethod
+    def for_tokenizer(cls, preset: str, tokenizer_size: int, **overrides: Any) -> QuasarConfig:
+        """A preset whose vocabulary holds every token of a tokenizer: the preset's own rows when they
+        suffice (real vocabularies are padded: Qwen3.5's 248,077 tokens in 248,320 rows), else exactly
+        the tokenizer's size."""
+        rows = cls.from_preset(preset).vocab_size
+        return cls.from_preset(preset, **{"vocab_size": max(rows, tokenizer_size), **overrides})
+
+    @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> QuasarConfig:
         """A named configuration: "tiny" (unit tests), "small" (CPU experiments), "3b-a1b" (the published
         shape, our architecture), "published-3b-a1b" (the published model as imported)."""

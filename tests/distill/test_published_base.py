@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from distill.cli import main as distill_main
 from distill.tiny import EOS_TOKEN, build_qwen3_teacher, local_corpus
 from quasar.checkpoint import config_differences, load_checkpoint
 from quasar.cli import main as quasar_main
+from tests.fixtures import PUBLISHED_TINY
 
-FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "published-quasar-tiny"
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture {FIXTURE} not present")
+FIXTURE = PUBLISHED_TINY  # tests/fixtures: a copy of ../shared/fixtures
 
 
 def small_tokenizer(texts: list[str], out: Path, vocab_size: int = 200):

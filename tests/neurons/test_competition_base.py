@@ -19,9 +19,9 @@ from neurons.store import content_hash
 from neurons.verify import verify_checkpoint
 from quasar import QuasarConfig
 from quasar.checkpoint import config_differences, load_checkpoint
+from tests.fixtures import PUBLISHED_TINY
 
-FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "published-quasar-tiny"
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture {FIXTURE} not present")
+FIXTURE = PUBLISHED_TINY  # tests/fixtures: a copy of ../shared/fixtures
 
 
 def settings(model, tmp_path: Path, *extra: str):
@@ -115,10 +115,12 @@ def test_hub_bases_need_a_pinned_revision_and_bad_bases_say_why(tmp_path):
         base_config(cfg)
 
 
-def test_presets_grow_their_vocabulary_to_the_tokenizer():
+def test_presets_grow_their_vocabulary_to_the_tokenizer(tmp_path):
     # Real vocabularies are padded: Qwen3.5's 248,077 tokens in the presets' 248,320 rows.
-    assert node.competition_vocab_size(248_320, 248_077) == 248_320
-    assert node.competition_vocab_size(256, 512) == 512  # the dev kit's tokenizer on the tiny preset
+    assert QuasarConfig.for_tokenizer("published-3b-a1b", 248_077).vocab_size == 248_320
+    assert QuasarConfig.for_tokenizer("tiny", 512).vocab_size == 512  # the dev kit's tokenizer
+    cfg = parse_config(ValidatorConfig, ["--root", str(tmp_path), "--competition.preset", "3b-a1b"], "p", "t")
+    assert node.competition(cfg, 248_077).fixed_fields["vocab_size"] == 248_320
 
 
 def test_off_the_embedded_chain_the_tokenizer_defaults_to_qwen35(qwen35_dir, tmp_path):

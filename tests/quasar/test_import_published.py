@@ -1,6 +1,6 @@
 """`python -m quasar import-published`: the published silx-ai checkpoint format becomes ours.
 
-The reference is `../shared/fixtures/published-quasar-tiny/`: a tiny checkpoint in the published
+The reference is `../shared/fixtures/published-quasar-tiny/` (copied into tests/fixtures): a tiny checkpoint in the published
 format and the logits the published modeling code computes for it (its README says how).
 """
 
@@ -31,13 +31,12 @@ from quasar.importer import (
     plan_import,
     published_config,
 )
+from tests.fixtures import PUBLISHED_TINY, PUBLISHED_TINY_ORIGINAL
 from tests.quasar.published_layout import published_tensor_shapes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-FIXTURE = REPO_ROOT.parent / "shared" / "fixtures" / "published-quasar-tiny"
+FIXTURE = PUBLISHED_TINY  # tests/fixtures: a copy of ../shared/fixtures
 PUBLISHED_3B_PARAMETERS = 2_901_843_184
-
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture {FIXTURE} not present")
 
 
 def reference():
@@ -507,3 +506,18 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, qwen35_cach
         == 2
     )
     assert "248,077 tokens do not fit the model's 256 embedding rows" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    not PUBLISHED_TINY_ORIGINAL.is_dir(), reason="the shared original is not beside this checkout"
+)
+def test_the_fixture_copy_is_the_original():
+    import hashlib
+
+    names = sorted(p.name for p in PUBLISHED_TINY_ORIGINAL.iterdir())
+    assert sorted(p.name for p in FIXTURE.iterdir()) == names
+    for name in names:
+        a, b = (
+            hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (FIXTURE, PUBLISHED_TINY_ORIGINAL)
+        )
+        assert a == b, name
