@@ -115,7 +115,8 @@ def read_checkpoint_config(path: str | Path) -> QuasarConfig:
         raise CheckpointError(f"{cfg_file}: {e}") from None
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+    """Every *.safetensors file of a checkpoint directory; CheckpointError (naming any pickle files) if none."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         others = sorted(
@@ -143,7 +144,7 @@ def check_weight_files(path: str | Path, config: QuasarConfig) -> list[Path]:
     path = Path(path)
     expected = expected_tensor_shapes(config)
     found: dict[str, tuple[str, tuple[int, ...], str]] = {}
-    files = _weight_files(path)
+    files = weight_files(path)
     for f in files:
         try:
             with safe_open(f, framework="pt") as handle:

@@ -526,14 +526,12 @@ def _source_files(path: Path) -> list[Path]:
         return [path / n for n in names]
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        others = sorted(
-            p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
-        )
-        hint = f" (found {', '.join(others)}: pickle-based formats are refused)" if others else ""
-        raise ImportRefused(f"{path}: no *.safetensors weights{hint}")
-    return files
+    from quasar.checkpoint import CheckpointError, weight_files
+
+    try:
+        return weight_files(path)
+    except CheckpointError as e:
+        raise ImportRefused(str(e)) from None
 
 
 def source_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
