@@ -1,14 +1,19 @@
 """The submission protocol: what a miner writes on chain to point at its checkpoint.
 
-    q24:1:<store>:<repo>:<revision>:<binding>
+    q24:2:<store>:<repo>:<revision>:<binding>
 
-- `q24:1` names the protocol and its version; anything else is not ours and is ignored.
+- `q24:2` names the protocol and its version; anything else is not ours and is ignored. Version 2
+  is commit-then-publish: the miner commits the pinned revision before anyone can read its weights
+  (staged privately), then publishes, and validators retry a revision that is not readable yet for
+  a grace period. Version 1 uploaded first: a watcher could read the fresh upload, compute the
+  binding for its own hotkey and commit a pointer to the victim's revision first. It is refused.
 - `store`: `hf` (Hugging Face Hub) or `local` (a directory store, for the embedded default).
 - `repo`: `owner/name` on the Hub (letters, digits, `-`, `_`, `.`), or a store key for `local`.
 - `revision`: the pinned commit, 40 lowercase hex digits (a git sha for `hf`, a content id for `local`).
 - `binding`: the first 16 bytes, hex, of sha256(content_hash || hotkey): ties the weights to the
   committing hotkey, so a copier who re-commits someone else's upload under its own hotkey commits a
-  binding that the content does not reproduce (SN9's `secure_hash` idea).
+  binding that the content does not reproduce (SN9's `secure_hash` idea). It also hides the content
+  hash: before publication, nobody else can compute a valid binding for these weights.
 
 Everything fits the chain's 128-byte commitment field. Parsing is strict: one exact shape, no
 whitespace, no extra fields; a commitment that does not parse is ignored with the reason logged.
@@ -24,7 +29,8 @@ from typing import Literal
 from neurons.chain.base import MAX_COMMITMENT_BYTES
 
 PREFIX = "q24"
-VERSION = "1"
+VERSION = "2"
+RETIRED_VERSIONS = {"1": "upload, then commit: its fresh uploads could be front-run"}
 STORES = ("hf", "local")
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,38}/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _LOCAL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
@@ -102,13 +108,18 @@ def parse(data: object) -> Commitment:
     parts = data.split(":")
     if len(parts) < 2 or parts[0] != PREFIX:
         raise CommitmentError("not a q24 commitment (it does not start with 'q24:')")
+    if parts[1] in RETIRED_VERSIONS:
+        raise CommitmentError(
+            f"q24 protocol version {parts[1]} is retired ({RETIRED_VERSIONS[parts[1]]}); upgrade the "
+            f"miner: it commits version {VERSION} before publishing the weights"
+        )
     if parts[1] != VERSION:
         raise CommitmentError(
             f"unsupported q24 protocol version {parts[1]!r}; this node reads version {VERSION}"
         )
     if len(parts) != 6:
         raise CommitmentError(
-            f"expected 6 ':'-separated fields (q24:1:store:repo:revision:binding), got {len(parts)}"
+            f"expected 6 ':'-separated fields (q24:2:store:repo:revision:binding), got {len(parts)}"
         )
     _, _, store, repo, revision, binding = parts
     return Commitment(store, repo, revision, binding)  # type: ignore[arg-type]

@@ -158,6 +158,12 @@ class CompetitionSettings(BaseModel):
         description="QuasarConfig fields a submission must share with the preset",
     )
     max_parameters: int = Field(3_500_000_000, ge=1, description="parameter budget of a submission")
+    max_cost_ratio: float = Field(
+        4.0,
+        ge=1,
+        description="a submission's forward may cost at most this many times the competition "
+        "architecture's per token (flops, recurrent state, activation memory; quasar.cost)",
+    )
 
     @model_validator(mode="after")
     def _one_architecture(self) -> CompetitionSettings:
@@ -324,7 +330,30 @@ class ScoringSettings(BaseModel):
     time_budget_s: float = Field(
         600.0, gt=0, description="seconds per submission per round (download, checks, KL, long context)"
     )
-    max_models: int = Field(32, ge=1, description="most submissions evaluated in one round")
+    max_models: int = Field(
+        32,
+        ge=1,
+        description="most submissions evaluated in one round (up to half go to the leaders, the rest to "
+        "new and then least recently judged submissions; see README)",
+    )
+    worker_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="memory cap of the process a submission runs in, GiB (default: 3x the competition "
+        "model in fp32 + 4 GiB)",
+    )
+    publish_grace_blocks: int = Field(
+        300,
+        ge=0,
+        description="blocks after its commitment a submission has to become downloadable (commit, then "
+        "publish); until then it is retried each round, after that rejected",
+    )
+    resemblance: float = Field(
+        0.2,
+        ge=0,
+        description="a submission whose outputs on the round's prompts are closer to an earlier one's than "
+        "this fraction of its KL to the teacher earns only by beating that one by the margin",
+    )
 
 
 class ValidatorConfig(NodeSettings):

@@ -5,10 +5,13 @@ when it is better than the last one committed.
   directory (one learning-rate schedule, exact resume after any crash).
 - The self-evaluation is the trainer's held-out KL plus a small `validator_tasks` suite run on
   the student in memory.
-- A checkpoint is committed only after its upload succeeded, and only when its KL beats the last
-  committed one by `publish.min_improvement` without losing long-context accuracy. The chain's
-  commitment rate limit is respected: a commitment that has to wait stays pending (persisted) and
-  is retried, never lost.
+- A checkpoint is committed only when its KL beats the last committed one by
+  `publish.min_improvement` without losing long-context accuracy, and published only after its
+  commitment landed: stage (upload where no validator can read it yet: a private Hub repo, the local
+  store's staging area) -> commit the pinned revision -> publish. Whoever sees the weights first
+  sees a commitment already on chain, so no watcher can commit them before their author. The
+  chain's commitment rate limit is respected: a commitment that has to wait stays pending
+  (persisted) and is retried, never lost; so is a publication that failed.
 - The miner's own state (`miner_state.json`) is written atomically after every change.
 """
 
@@ -41,9 +44,10 @@ class Publication(BaseModel):
     kl: float
     longctx: float | None = None
     repo: str | None = None
-    revision: str | None = None  # set once uploaded
+    revision: str | None = None  # set once staged (uploaded where validators cannot read it yet)
     data: str | None = None  # the commitment string
     block: int | None = None  # set once committed
+    published: bool = True  # False from staging until the revision is made readable
 
 
 class MinerState(BaseModel):
@@ -259,26 +263,31 @@ class Miner(node.NodeBase):
     # -- publishing ----------------------------------------------------------------------------------
 
     def publish_pending(self, wait: bool = False) -> None:
-        """Upload the pending checkpoint (if not yet) and commit it (if the rate limit allows; with
-        `wait`, sleep until it does)."""
+        """Stage the pending checkpoint (if not yet), commit it (if the rate limit allows; with `wait`,
+        sleep until it does), then publish it; and publish a committed checkpoint whose publication
+        failed before."""
         pending = self.state.pending
-        if pending is None:
-            return
-        if pending.revision is None:
-            try:
-                revision = self.store.upload(pending.checkpoint, self.repo)
-            except StoreError as e:
-                self.c_uploads.inc()
-                self.health.fail(str(e))
-                log.error("upload failed, not committing (retrying next round): %s", e)
+        if pending is not None:
+            if pending.revision is None:
+                try:
+                    revision = self.store.stage(pending.checkpoint, self.repo)
+                except StoreError as e:
+                    self.c_uploads.inc()
+                    self.health.fail(str(e))
+                    log.error("upload failed, not committing (retrying next round): %s", e)
+                    return
+                pending.repo, pending.revision, pending.published = self.repo, revision, False
+                commitment = Commitment.for_checkpoint(
+                    self.cfg.store_kind, self.repo, revision, pending.content_hash, self.chain.hotkey
+                )
+                pending.data = commitment.encode()
+                self.save()
+                log.info("staged step %d at %s@%s (not public yet)", pending.step, self.repo, revision[:12])
+            if not self._commit(pending, wait):
                 return
-            pending.repo, pending.revision = self.repo, revision
-            commitment = Commitment.for_checkpoint(
-                self.cfg.store_kind, self.repo, revision, pending.content_hash, self.chain.hotkey
-            )
-            pending.data = commitment.encode()
-            self.save()
-            log.info("uploaded step %d to %s@%s", pending.step, self.repo, revision[:12])
+        self._publish_committed()
+
+    def _commit(self, pending: Publication, wait: bool) -> bool:
         while True:
             try:
                 block = self.chain.commit(pending.data)
@@ -287,10 +296,10 @@ class Miner(node.NodeBase):
                 seconds = e.blocks_left * self.chain.limits().seconds_per_block
                 if not wait:
                     log.info("commitment rate limited for %d more blocks; keeping it pending", e.blocks_left)
-                    return
+                    return False
                 log.info("commitment rate limited; waiting %.0fs", seconds)
                 if self.stopper.sleep(seconds + 0.5):
-                    return
+                    return False
         pending.block = block
         self.state.committed = pending
         self.state.history.append(pending)
@@ -300,3 +309,22 @@ class Miner(node.NodeBase):
         self.g_committed_kl.set(pending.kl)
         self.health.beat("committed", block=block, step=pending.step)
         log.info("committed step %d (KL %.4f) at block %d: %s", pending.step, pending.kl, block, pending.data)
+        return True
+
+    def _publish_committed(self) -> None:
+        committed = self.state.committed
+        if committed is None or committed.published or committed.repo is None or committed.revision is None:
+            return
+        try:
+            self.store.publish(committed.repo, committed.revision)
+        except StoreError as e:  # committed already: validators retry it within their grace
+            self.c_uploads.inc()
+            self.health.fail(str(e))
+            log.error("publishing %s@%s failed (retrying): %s", committed.repo, committed.revision[:12], e)
+            return
+        committed.published = True
+        for entry in self.state.history:
+            if entry.revision == committed.revision:
+                entry.published = True
+        self.save()
+        log.info("published %s@%s", committed.repo, committed.revision[:12])

@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,6 +16,7 @@ from typing import Literal
 from neurons.chain import Chain, ChainError
 from neurons.config import NodeSettings
 from neurons.devkit import DevKit, ensure_devkit
+from neurons.lock import NodeLock, clean_temporary_files
 from neurons.store import CheckpointStore, store_for
 from neurons.verify import Competition
 
@@ -31,6 +34,12 @@ def dev_hotkey(settings: NodeSettings) -> str:
 def node_dir(settings: NodeSettings, role: Role) -> Path:
     """Per-node state: ROOT/<role>s/<wallet>.<hotkey>."""
     return settings.root_path / f"{role}s" / f"{settings.wallet.name}.{settings.wallet.hotkey}"
+
+
+def _describe(settings: NodeSettings, role: Role) -> str:
+    """Who holds a node directory, for the message another node on it prints."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return f"{role} {dev_hotkey(settings)} on {socket.gethostname()} since {started}"
 
 
 def devkit(settings: NodeSettings) -> DevKit | None:
@@ -131,11 +140,15 @@ def competition(
 ) -> Competition:
     """The fixed fields come from the competition's architecture (base or preset); `vocab_size` is
     the number of tokens of the competition's tokenizer."""
+    from quasar.cost import forward_cost
+
     reference = reference_config(settings, vocab_size)
     return Competition(
         fixed_fields={name: getattr(reference, name) for name in settings.competition.fixed_fields},
         max_parameters=settings.competition.max_parameters,
         max_download_bytes=max_download_bytes or int(settings.store.max_download_gb * 2**30),
+        reference_cost=forward_cost(reference),
+        max_cost_ratio=settings.competition.max_cost_ratio,
     )
 
 
@@ -211,18 +224,26 @@ class NodeBase:
         from distill.cli import load_tokenizer
 
         self.cfg = cfg
-        self.stopper = stopper or Stopper.install()
-        self.device = resolve_device(cfg.device)
-        self.kit = devkit(cfg)
-        self.tokenizer_dir = competition_tokenizer(cfg, self.kit)
-        self.tokenizer = load_tokenizer(self.tokenizer_dir)
-        self.chain = chain or open_chain(cfg, self.role)
-        self.store = store or open_store(cfg)
         self.dir = node_dir(cfg, self.role)
-        self.health, self.metrics, self.server = start_telemetry(cfg, self.role, self.chain.hotkey)
+        # first of all: a second node on this directory stops here, before it touches the chain,
+        # the port or any file of the running one
+        self.lock = NodeLock(self.dir, self.role, describe=_describe(cfg, self.role))
+        try:
+            clean_temporary_files(self.dir)
+            self.stopper = stopper or Stopper.install()
+            self.device = resolve_device(cfg.device)
+            self.kit = devkit(cfg)
+            self.tokenizer_dir = competition_tokenizer(cfg, self.kit)
+            self.tokenizer = load_tokenizer(self.tokenizer_dir)
+            self.chain = chain or open_chain(cfg, self.role)
+            self.store = store or open_store(cfg)
+            self.health, self.metrics, self.server = start_telemetry(cfg, self.role, self.chain.hotkey)
+        except BaseException:  # the role's close() may expect what setup() makes: release ours only
+            NodeBase.close(self)
+            raise
         try:
             self.setup()
-        except BaseException:  # a failed start releases the chain and the port
+        except BaseException:  # a failed start releases the chain, the port and the directory
             self.close()
             raise
 
@@ -239,6 +260,12 @@ class NodeBase:
         return sources
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-        self.chain.close()
+        """Stop telemetry, close the chain, release the directory; safe on a half-built node."""
+        try:
+            if getattr(self, "server", None) is not None:
+                self.server.stop()
+            if getattr(self, "chain", None) is not None:
+                self.chain.close()
+        finally:
+            if getattr(self, "lock", None) is not None:
+                self.lock.close()

@@ -94,3 +94,41 @@ def update_moving_average(
         if value > 1e-9:
             out[hotkey] = value
     return out
+
+
+def resemblance_copies(
+    entries: Sequence[Entry],
+    behaviours: Mapping[str, Sequence[np.ndarray]],
+    *,
+    resemblance: float,
+    margin: float,
+    alpha: float,
+) -> dict[str, tuple[str, float]]:
+    """{later hotkey: (earlier hotkey, relative distance)} for every submission that answers the
+    round's prompts like an earlier original and does not beat it by the margin.
+
+    The relative distance is `behaviour_distance` between the two models' outputs over the smaller
+    of their mean KLs to the teacher: a copy with noise, re-drawn unused rows or a short fine-tune
+    sits far closer to its original than to the teacher, while independently trained students differ
+    from each other about as much as each differs from the teacher. A later submission that resembles
+    an earlier one earns nothing unless it is significantly better than it (`beats`): a real
+    improvement of a public checkpoint is allowed, a copy that merely beats whom its original beats
+    is not. Entries without a behaviour are treated as originals."""
+    from validator_tasks.kl_eval import behaviour_distance
+
+    copies: dict[str, tuple[str, float]] = {}
+    originals: list[Entry] = []
+    for entry in order(entries):
+        mine = behaviours.get(entry.hotkey)
+        for earlier in originals:
+            theirs = behaviours.get(earlier.hotkey)
+            if mine is None or theirs is None:
+                continue
+            scale = max(min(float(np.mean(entry.kl)), float(np.mean(earlier.kl))), 1e-12)
+            relative = behaviour_distance(mine, theirs) / scale
+            if relative < resemblance and not beats(entry, earlier, margin=margin, alpha=alpha):
+                copies[entry.hotkey] = (earlier.hotkey, relative)
+                break
+        else:
+            originals.append(entry)
+    return copies

@@ -9,6 +9,7 @@ are ours, but a damaged one is still refused with a clear error rather than gues
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -18,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from quasar.files import atomic_write
 
 STATE_FORMAT = "q24-validator-state/1"
-Status = Literal["ok", "rejected", "copy", "error", "timeout", "unfit"]
+Status = Literal["ok", "rejected", "copy", "error", "timeout", "unfit", "pending"]
+MAX_ATTEMPTS = 2  # a submission the validator died judging this often is skipped for the round
 
 
 class StateError(RuntimeError):
@@ -63,6 +65,9 @@ class RoundState(BaseModel):
     results: dict[str, SubmissionResult] = Field(default_factory=dict)
     win_rates: dict[str, float] = Field(default_factory=dict)
     round_weights: dict[str, float] = Field(default_factory=dict)
+    queued: int = 0  # valid submissions that found no slot this round (they come first next time)
+    # "hotkey|commitment" -> times judging it started in this round (a restart mid-judgement counts)
+    attempts: dict[str, int] = Field(default_factory=dict)
     scored: bool = False  # win rates computed and folded into the moving average
     weights_block: int | None = None  # when set_weights landed
     weights_error: str = ""
@@ -90,6 +95,10 @@ class ValidatorState(BaseModel):
     # "hotkey|commitment" -> a rejection that holds until the commitment changes (no re-download)
     verdicts: dict[str, SubmissionResult] = Field(default_factory=dict)
     origins: dict[str, Origin] = Field(default_factory=dict)  # content hash -> first commitment
+    # "hotkey|commitment" -> the last round it was judged in (planning: least recently judged first)
+    judged: dict[str, int] = Field(default_factory=dict)
+    # seed of the copy-detection probe: real text only this validator knows, the same every round
+    probe_seed: int = Field(default_factory=lambda: secrets.randbits(62))
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -122,13 +131,14 @@ def save_state_file(path: Path, state: BaseModel) -> None:
 
 
 class StateStore:
-    """`dir/state.json` plus `dir/fingerprints/<content hash>.npy` (write-once, content-addressed,
-    so they are read from disk at most once per process)."""
+    """`dir/state.json` plus `dir/fingerprints/real-text/<content hash>.npy` (write-once,
+    content-addressed, so they are read from disk at most once per process; `real-text`: the
+    probe of this version, not comparable with the uniform-token probe older versions kept)."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
         self.path = self.dir / "state.json"
-        self.fingerprints = self.dir / "fingerprints"
+        self.fingerprints = self.dir / "fingerprints" / "real-text"
         self._fingerprints: dict[str, np.ndarray | None] = {}
 
     def load(self, netuid: int, hotkey: str) -> ValidatorState:

@@ -5,13 +5,18 @@
 
 - CONFIG: config.json missing, unparsable, not Quasar, custom code, or a fixed field of the
   competition (e.g. the teacher's vocabulary size) differs.
-- BUDGET: more parameters than the competition allows (counted on the meta device, nothing allocated).
+- BUDGET: more parameters than the competition allows (counted on the meta device, nothing allocated),
+  or a forward that costs more per token than `max_cost_ratio` times the competition architecture's
+  (flops, recurrent state, activation memory: `quasar.cost`). Parameters alone bound nothing a
+  miner cannot multiply for free: `num_loops`, one wide head, a memory of a million 1-wide slots.
 - BINDING: the commitment's binding is not sha256(content hash || hotkey): not this hotkey's upload.
 - WEIGHTS: no safetensors, wrong tensor names or shapes, NaN or infinite values (our strict loader).
 
 Copies are found across submissions by `find_copies`: identical content, or a near-identical
-activation fingerprint on a fixed probe (catches noise-injected copies that defeat hash checks).
-The earliest commitment owns the weights; later ones are copies.
+fingerprint (centred logits on a probe of real text that only the validator knows,
+`validator_tasks.kl_eval.probe_logits`). The earliest commitment owns the weights; later ones are
+copies. Copies that evade both (re-drawn unused rows, noise, a short fine-tune) are caught on the
+round's own prompts by the validator's payout rule (`neurons.scoring.resemblance_copies`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 
 from neurons.commitment import Commitment
 from neurons.store import StoreError, content_hash
+from quasar.cost import ForwardCost
 
 Code = Literal["OK", "CONFIG", "BUDGET", "BINDING", "WEIGHTS", "COPY"]
 FINGERPRINT_COSINE = 0.99999  # SN97's threshold: independent training never gets this close
@@ -38,6 +44,8 @@ class Competition:
     fixed_fields: dict[str, Any] = field(default_factory=dict)
     max_parameters: int = 3_500_000_000
     max_download_bytes: int = 16 * 2**30
+    reference_cost: ForwardCost | None = None  # the competition architecture's forward cost
+    max_cost_ratio: float = 4.0  # a submission's forward may cost this many times the reference's
 
 
 @dataclass
@@ -53,9 +61,36 @@ class Verdict:
         return self.code == "OK"
 
 
+def cost_problem(config, competition: Competition) -> str:
+    """Why `config`'s forward costs too much per token for `competition` ("" when it does not)."""
+    if competition.reference_cost is None:
+        return ""
+    from quasar.cost import forward_cost
+
+    ratios = forward_cost(config).ratios(competition.reference_cost)
+    over = {axis: r for axis, r in ratios.items() if r > competition.max_cost_ratio}
+    if not over:
+        return ""
+    detail = ", ".join(f"{axis.replace('_', ' ')} {r:,.1f}x" for axis, r in over.items())
+    return (
+        f"a forward costs more than {competition.max_cost_ratio:g}x the competition architecture's "
+        f"({detail}; num_loops {config.num_loops}, memory_slots {config.memory_slots} x memory_dim "
+        f"{config.memory_dim} per {config.memory_segment_size}-token segment, {config.num_heads} heads of "
+        f"{config.head_dim}): lower them"
+    )
+
+
 def verify_checkpoint(
-    path: str | Path, commitment: Commitment, hotkey: str, competition: Competition, *, device: str = "cpu"
+    path: str | Path,
+    commitment: Commitment,
+    hotkey: str,
+    competition: Competition,
+    *,
+    device: str = "cpu",
+    load: bool = True,
 ) -> Verdict:
+    """The checks above in order; with `load=False` the weights are hashed but not loaded (the
+    validator loads them in a bounded worker process instead)."""
     from quasar import QuasarForCausalLM
     from quasar.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config
 
@@ -79,6 +114,9 @@ def verify_checkpoint(
             f"{parameters / 1e6:,.1f}M parameters, over the budget of {competition.max_parameters / 1e6:,.1f}M",
             parameters=parameters,
         )
+    problem = cost_problem(config, competition)
+    if problem:
+        return Verdict("BUDGET", problem, parameters=parameters)
     try:
         digest = content_hash(path)
     except StoreError as e:
@@ -91,6 +129,8 @@ def verify_checkpoint(
             content_hash=digest,
             parameters=parameters,
         )
+    if not load:
+        return Verdict("OK", content_hash=digest, parameters=parameters)
     try:
         model = load_checkpoint(path, config, device=device, check_finite=True)
     except CheckpointError as e:
@@ -98,19 +138,11 @@ def verify_checkpoint(
     return Verdict("OK", content_hash=digest, parameters=parameters, model=model)
 
 
-@torch.no_grad()
-def fingerprint(model, *, probe_tokens: int = 32, vocab_sample: int = 256, seed: int = 24) -> np.ndarray:
-    """The model's centred logits on a fixed random probe, at a fixed random subset of the vocabulary,
-    flattened (probe_tokens x vocab_sample). Deterministic for given weights on a given device type."""
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(seed)
-    probe = torch.randint(0, vocab, (1, probe_tokens), generator=gen)
-    ids = torch.randperm(vocab, generator=gen)[: min(vocab_sample, vocab)]
-    device = next(model.parameters()).device
-    logits = model(input_ids=probe.to(device), use_cache=False).logits[0].float().cpu()
-    picked = logits[:, ids]
-    picked = picked - picked.mean(dim=1, keepdim=True)
-    return picked.flatten().double().numpy()
+def fingerprint(model, probe: list[list[int]], ids: list[int]) -> np.ndarray:
+    """The model's centred logits on `probe` (token windows of real text) at the vocabulary `ids`."""
+    from validator_tasks.kl_eval import probe_logits
+
+    return probe_logits(model, probe, ids)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -22,14 +22,32 @@ from distill.types import KDTargets, TopK
 
 @torch.no_grad()
 def per_prompt_kl(
-    model, prompts: list[tuple[np.ndarray, TopK]], *, score_from: int = 0, device: str | torch.device = "cpu"
-) -> np.ndarray:
+    model,
+    prompts: list[tuple[np.ndarray, TopK]],
+    *,
+    score_from: int = 0,
+    device: str | torch.device = "cpu",
+    deadline: float | None = None,
+    behaviour: bool = False,
+):
     """Mean per-position KL(teacher || model) for each (tokens, teacher TopK) prompt; positions
-    predicting tokens before `score_from` (e.g. the block-seeded prefix) are not scored."""
+    predicting tokens before `score_from` (e.g. the block-seeded prefix) are not scored.
+
+    With `behaviour`, also returns the model's own output on the prompts: for each prompt, its
+    log-probabilities [scored positions, k + 1] of the teacher's k buckets and the tail (-inf where
+    the teacher has no entry), what `behaviour_distance` compares between two models. `deadline`
+    (a time.monotonic() value) is checked between prompts: BudgetExceeded when spent."""
+    import time
+
+    from validator_tasks.models import BudgetExceeded
+
     out = np.zeros(len(prompts), dtype=np.float64)
+    outputs: list[np.ndarray] = []
     was_training = model.training
     model.eval()
     for i, (tokens, topk) in enumerate(prompts):
+        if deadline is not None and time.monotonic() > deadline:
+            raise BudgetExceeded(f"time budget spent after {i} of {len(prompts)} KL prompts")
         targets = KDTargets.from_topk(np.asarray(tokens), topk)
         if score_from > 1:
             targets.mask[: score_from - 1] = False
@@ -42,8 +60,94 @@ def per_prompt_kl(
                 f"prompt {i} has no scored position (length {len(tokens)}, score_from {score_from})"
             )
         out[i] = float(kl[mask].double().mean())
+        if behaviour:
+            outputs.append(_bucketed_logprobs(hidden[mask], model.lm_head.weight, targets, mask))
     model.train(was_training)
-    return out
+    return (out, outputs) if behaviour else out
+
+
+def _bucketed_logprobs(hidden, weight, targets: KDTargets, mask) -> np.ndarray:
+    logq = torch.log_softmax((hidden.float() @ weight.float().T), dim=-1)
+    ids = targets.token_ids.to(hidden.device)[mask]
+    valid = torch.isfinite(targets.logprobs.to(hidden.device)[mask])
+    picked = torch.where(valid, logq.gather(1, ids), torch.full_like(ids, float("-inf"), dtype=logq.dtype))
+    inside = torch.logsumexp(picked, dim=-1).clamp(max=0.0)
+    tail = torch.log((-torch.expm1(inside)).clamp(min=1e-12))  # log(1 - mass inside), floored
+    return torch.cat([picked, tail[:, None]], dim=1).cpu().numpy().astype(np.float32)
+
+
+def behaviour_distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """How differently two models answer the same prompts: the mean over scored positions of the
+    symmetrised KL, 1/2 (KL(p_a || p_b) + KL(p_b || p_a)), between their distributions over the
+    teacher's buckets. In the units of the KL to the teacher, so the two can be compared."""
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
+        raise ValueError("behaviours of different prompts cannot be compared")
+    la = np.concatenate(a).astype(np.float64)
+    lb = np.concatenate(b).astype(np.float64)
+    pa, pb = np.exp(la), np.exp(lb)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(np.isfinite(la) & np.isfinite(lb), la - lb, 0.0)
+    per_position = 0.5 * ((pa - pb) * diff).sum(axis=1)
+    return float(per_position.mean()) if len(per_position) else 0.0
+
+
+@torch.no_grad()
+def probe_logits(model, tokens: list[list[int]], ids: list[int]) -> np.ndarray:
+    """The model's logits on each probe window at the vocabulary `ids`, centred per position and
+    flattened: a fingerprint of the weights, comparable across rounds for the same probe."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    columns = torch.as_tensor(ids, dtype=torch.long, device=device)
+    rows = []
+    for window in tokens:
+        x = torch.as_tensor(window, dtype=torch.long, device=device)[None]
+        logits = model(input_ids=x, use_cache=False).logits[0].float()[:, columns]
+        rows.append((logits - logits.mean(dim=1, keepdim=True)).cpu())
+    model.train(was_training)
+    return torch.cat(rows).flatten().double().numpy()
+
+
+def save_prompts(path, prompts: list[tuple[np.ndarray, TopK]]) -> None:
+    """KL prompts with the teacher's top-k, as one .npz (no pickle), written atomically."""
+    import io
+
+    from quasar.files import atomic_write
+
+    arrays = {}
+    for i, (tok, tk) in enumerate(prompts):
+        arrays[f"tokens_{i}"] = np.asarray(tok, dtype=np.int64)
+        arrays[f"ids_{i}"] = tk.token_ids
+        arrays[f"lp_{i}"] = tk.logprobs
+        arrays[f"tail_{i}"] = tk.tail_logprob
+    buffer = io.BytesIO()
+    np.savez(buffer, count=np.asarray(len(prompts)), **arrays)
+    atomic_write(path, buffer.getvalue())
+
+
+def load_prompts(path) -> list[tuple[np.ndarray, TopK]]:
+    """What `save_prompts` wrote; OSError/KeyError/ValueError for a missing or damaged file."""
+    with np.load(path, allow_pickle=False) as data:
+        n = int(data["count"])
+        return [
+            (data[f"tokens_{i}"], TopK(data[f"ids_{i}"], data[f"lp_{i}"], data[f"tail_{i}"]))
+            for i in range(n)
+        ]
+
+
+def save_behaviour(path, behaviour: list[np.ndarray]) -> None:
+    import io
+
+    from quasar.files import atomic_write
+
+    buffer = io.BytesIO()
+    np.savez(buffer, count=np.asarray(len(behaviour)), **{f"p{i}": b for i, b in enumerate(behaviour)})
+    atomic_write(path, buffer.getvalue())
+
+
+def load_behaviour(path) -> list[np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return [data[f"p{i}"] for i in range(int(data["count"]))]
 
 
 def _betacf(a: float, b: float, x: float) -> float:

@@ -15,7 +15,7 @@ REV = "0123456789abcdef0123456789abcdef01234567"
 def test_round_trip_and_size() -> None:
     c = Commitment.for_checkpoint("hf", "alice/quasar-small", REV, CONTENT, "5Alice")
     text = c.encode()
-    assert text == f"q24:1:hf:alice/quasar-small:{REV}:{c.binding}"
+    assert text == f"q24:2:hf:alice/quasar-small:{REV}:{c.binding}"
     assert parse(text) == c and parse(text.encode()) == c
     longest = Commitment("hf", "a" * 20 + "/" + "b" * 24, REV, c.binding)  # 45 characters: exactly 128 bytes
     assert len(longest.encode().encode()) == 128
@@ -42,19 +42,20 @@ def test_binding_ties_content_to_the_hotkey() -> None:
     [
         ("", "does not start with 'q24:'"),
         ('{"model": "a/b", "revision": "x"}', "does not start with 'q24:'"),
-        ("q24:2:hf:a/b:" + REV + ":" + "0" * 32, "unsupported q24 protocol version '2'"),
-        ("q24:1:hf:a/b:" + REV, "expected 6"),
-        ("q24:1:hf:a/b:" + REV + ":" + "0" * 32 + ":extra", "expected 6"),
-        ("q24:1:s3:a/b:" + REV + ":" + "0" * 32, "unknown store 's3'"),
-        ("q24:1:hf:no-owner:" + REV + ":" + "0" * 32, "not a valid hf repository"),
-        ("q24:1:hf:a/../b:" + REV + ":" + "0" * 32, "not a valid hf repository"),
-        ("q24:1:local:../etc:" + REV + ":" + "0" * 32, "not a valid local repository"),
-        ("q24:1:hf:a/b:main:" + "0" * 32, "revision must be 40 lowercase hex"),
-        ("q24:1:hf:a/b:" + REV.upper() + ":" + "0" * 32, "revision must be 40 lowercase hex"),
-        ("q24:1:hf:a/b:" + REV + ":" + "0" * 31, "binding must be 32 lowercase hex"),
-        (" q24:1:hf:a/b:" + REV + ":" + "0" * 32, "does not start with 'q24:'"),
-        ("q24:1:hf:a/b:" + REV + ":" + "0" * 32 + "\n", "binding must be 32"),
-        ("q24:1:hf:" + "a" * 200, "over 128"),
+        ("q24:3:hf:a/b:" + REV + ":" + "0" * 32, "unsupported q24 protocol version '3'"),
+        ("q24:1:hf:a/b:" + REV + ":" + "0" * 32, "version 1 is retired (upload, then commit"),
+        ("q24:2:hf:a/b:" + REV, "expected 6"),
+        ("q24:2:hf:a/b:" + REV + ":" + "0" * 32 + ":extra", "expected 6"),
+        ("q24:2:s3:a/b:" + REV + ":" + "0" * 32, "unknown store 's3'"),
+        ("q24:2:hf:no-owner:" + REV + ":" + "0" * 32, "not a valid hf repository"),
+        ("q24:2:hf:a/../b:" + REV + ":" + "0" * 32, "not a valid hf repository"),
+        ("q24:2:local:../etc:" + REV + ":" + "0" * 32, "not a valid local repository"),
+        ("q24:2:hf:a/b:main:" + "0" * 32, "revision must be 40 lowercase hex"),
+        ("q24:2:hf:a/b:" + REV.upper() + ":" + "0" * 32, "revision must be 40 lowercase hex"),
+        ("q24:2:hf:a/b:" + REV + ":" + "0" * 31, "binding must be 32 lowercase hex"),
+        (" q24:2:hf:a/b:" + REV + ":" + "0" * 32, "does not start with 'q24:'"),
+        ("q24:2:hf:a/b:" + REV + ":" + "0" * 32 + "\n", "binding must be 32"),
+        ("q24:2:hf:" + "a" * 200, "over 128"),
         (b"\xff\xfe", "not UTF-8"),
         (None, "must be text"),
     ],

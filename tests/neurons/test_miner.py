@@ -1,6 +1,7 @@
-"""The miner's publishing discipline: never commit what was not uploaded, keep a pending checkpoint
-across failed uploads, rate limits and restarts, resume training where it stopped, and publish only
-real improvements."""
+"""The miner's publishing discipline: never commit what was not uploaded, never let anyone read the
+weights before the commitment landed (stage, commit, publish), keep a pending checkpoint across
+failed uploads, rate limits, failed publications and restarts, resume training where it stopped,
+and publish only real improvements."""
 
 from __future__ import annotations
 
@@ -48,17 +49,24 @@ def _miner(cfg: MinerConfig, **kwargs) -> Miner:
 
 
 class SpyStore(LocalStore):
-    """The local store, counting uploads; `fail` makes them raise as a Hub outage would."""
+    """The local store, counting (private) uploads; `fail` makes them raise as a Hub outage would,
+    `fail_publish` makes publishing fail."""
 
-    def __init__(self, root, fail: bool = False):
+    def __init__(self, root, fail: bool = False, fail_publish: bool = False):
         super().__init__(root)
-        self.fail, self.uploads = fail, 0
+        self.fail, self.fail_publish, self.uploads, self.published = fail, fail_publish, 0, []
 
-    def upload(self, checkpoint, repo):
+    def stage(self, checkpoint, repo):
         self.uploads += 1
         if self.fail:
             raise StoreError(f"upload of {checkpoint} to {repo} failed: hub down")
-        return super().upload(checkpoint, repo)
+        return super().stage(checkpoint, repo)
+
+    def publish(self, repo, revision):
+        if self.fail_publish:
+            raise StoreError(f"cannot make {repo} public: hub down")
+        super().publish(repo, revision)
+        self.published.append((repo, revision))
 
 
 def _saved_state(miner: Miner) -> MinerState:
@@ -152,6 +160,7 @@ def test_a_rate_limited_commitment_stays_pending_and_is_committed_later(root, tm
     assert miner.state.pending == pending and chain.commitments()[hotkey].data == first.data
 
     # a restarted miner, once the limit has passed, commits it without uploading again
+    miner.lock.close()  # as if the first one had been killed (its chain is shared: not closed)
     restarted = _miner(_cfg(root, "rl"), chain=chain, store=store)
     assert restarted.state.pending == pending
     restarted.publish_pending()
@@ -165,6 +174,36 @@ def test_a_rate_limited_commitment_stays_pending_and_is_committed_later(root, tm
     assert _saved_state(restarted) == restarted.state
     assert store.uploads == 2
     restarted.close()
+
+
+def test_weights_become_readable_only_after_their_commitment_landed(root, tmp_path) -> None:
+    hotkey = "order/default"
+    chain = EmbeddedChain(tmp_path / "chain.sqlite", 24, hotkey)
+    chain.register(hotkey, "order-coldkey", 0.0)
+    store = SpyStore(root / "store", fail_publish=True)
+    miner = _miner(_cfg(root, "order"), chain=chain, store=store)
+    seen_at_commit = []
+    commit = chain.commit
+
+    def watched_commit(data):
+        c = parse(data)
+        seen_at_commit.append(store.available(c.repo, c.revision))  # what a watcher could read
+        return commit(data)
+
+    chain.commit = watched_commit
+    miner.state.pending = _checkpoint(tmp_path / "one", 1, len(miner.tokenizer))
+    miner.publish_pending()
+    committed = miner.state.committed
+    assert seen_at_commit == [False] and committed is not None and committed.block is not None
+    # the publication failed after the commitment: kept, and retried (without committing again)
+    assert committed.published is False and _saved_state(miner).committed.published is False
+    assert not store.available(committed.repo, committed.revision)
+    store.fail_publish = False
+    miner.publish_pending()
+    assert store.published == [(committed.repo, committed.revision)] and miner.state.committed.published
+    assert store.available(committed.repo, committed.revision) and len(seen_at_commit) == 1
+    assert _saved_state(miner).history[-1].published
+    miner.close()
 
 
 @pytest.mark.parametrize(

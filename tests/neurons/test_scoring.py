@@ -176,3 +176,35 @@ def test_moving_average_mixes_drops_the_deregistered_and_decays_the_absent() -> 
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="ema"):
             update_moving_average(average, {}, alive={"5A"}, ema=bad)
+
+
+def test_resemblance_makes_a_copy_of_a_later_lookalike_unless_it_beats_the_original() -> None:
+    import numpy as np
+
+    from neurons.scoring import Entry, resemblance_copies
+
+    rng = np.random.default_rng(0)
+    kl = rng.uniform(0.9, 1.1, 32)
+    base = [np.log(rng.dirichlet(np.ones(5), size=4)).astype(np.float32) for _ in range(3)]
+
+    def nudged(scale):
+        out = []
+        for b in base:
+            p = np.exp(b) * np.exp(scale * rng.standard_normal(b.shape))
+            out.append(np.log(p / p.sum(1, keepdims=True)).astype(np.float32))
+        return out
+
+    other = [np.log(rng.dirichlet(np.ones(5), size=4)).astype(np.float32) for _ in range(3)]
+    entries = [
+        Entry("orig", 1, kl),
+        Entry("noisy", 2, kl * rng.uniform(0.999, 1.001, 32)),  # the same KL, nearly the same outputs
+        Entry("better", 3, kl * 0.8),  # nearly the same outputs, but clearly better: allowed
+        Entry("independent", 4, kl * 1.01),  # different outputs: an original, whatever its KL
+    ]
+    behaviours = {"orig": base, "noisy": nudged(0.01), "better": nudged(0.05), "independent": other}
+    copies = resemblance_copies(entries, behaviours, resemblance=0.2, margin=0.03, alpha=0.03)
+    assert set(copies) == {"noisy"} and copies["noisy"][0] == "orig" and copies["noisy"][1] < 0.01
+    # the earliest commitment is the original, whatever order the entries come in
+    assert resemblance_copies(entries[::-1], behaviours, resemblance=0.2, margin=0.03, alpha=0.03) == copies
+    # without a behaviour (judged before this version) an entry counts as an original
+    assert resemblance_copies(entries, {"orig": base}, resemblance=0.2, margin=0.03, alpha=0.03) == {}

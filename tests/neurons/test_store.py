@@ -1,16 +1,26 @@
-"""Checkpoint stores: content hash, the local store's round trip and its checks, and the Hub store's
-size and file checks before any download (through a stand-in for `HfApi`)."""
+"""Checkpoint stores: content hash, the local store's round trip and its checks (symlinks, special
+files, sizes), stage-then-publish on both stores, and the Hub store's size and file checks before any
+download (through stand-ins for `HfApi`)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from safetensors.torch import save_file
 
-from neurons.store import HubStore, LocalStore, StoreError, StoreUnavailable, content_hash, store_for
+from neurons.store import (
+    HubStore,
+    LocalStore,
+    NotPublished,
+    StoreError,
+    StoreUnavailable,
+    content_hash,
+    store_for,
+)
 
 
 def _checkpoint(path: Path, value: float = 1.0, extra: dict[str, bytes] | None = None) -> Path:
@@ -48,10 +58,13 @@ def test_local_store_round_trip_is_content_addressed_and_drops_other_files(tmp_p
     assert content_hash(out) == content_hash(ckpt)
     with pytest.raises(StoreError, match="over the limit"):
         store.download("miner-1", rev, tmp_path / "small", max_bytes=100)
-    with pytest.raises(StoreError, match="no miner-2 at revision"):
+    with pytest.raises(NotPublished, match="no miner-2 at revision"):
         store.download("miner-2", rev, tmp_path / "x", max_bytes=10**6)
-    with pytest.raises(StoreError, match="escapes the store"):
-        store.download("../../etc", rev, tmp_path / "x", max_bytes=10**6)
+    for repo in ("../../etc", "/etc", ".staged/miner-1", "miner-1/", ""):
+        with pytest.raises(StoreError, match="escapes the store") as caught:
+            store.download(repo, rev, tmp_path / "x", max_bytes=10**6)
+        assert not isinstance(caught.value, NotPublished)
+    assert all((out / name).stat().st_mode & 0o777 == 0o644 for name in os.listdir(out))
     # tampering with a published revision is caught on download
     (tmp_path / "store" / "miner-1" / rev / "model.safetensors").write_bytes(b"\0" * 100)
     with pytest.raises(StoreError, match="do not match their revision"):
@@ -141,3 +154,253 @@ def test_hub_outage_is_transient_but_a_missing_repo_is_not(tmp_path) -> None:
     with pytest.raises(StoreError, match="404") as caught:
         HubStore(api=Gone({})).download("alice/q", "a" * 40, tmp_path / "d", max_bytes=10)
     assert not isinstance(caught.value, StoreUnavailable)
+
+
+# -- stage, then publish ----------------------------------------------------------------------------
+
+
+def test_a_staged_local_revision_is_pinned_but_not_served_until_published(tmp_path) -> None:
+    store = LocalStore(tmp_path / "store")
+    ckpt = _checkpoint(tmp_path / "ckpt", extra={"trainer_state.pt": b"pickle"})
+    rev = store.stage(ckpt, "alice")
+    assert rev == content_hash(ckpt)[:40] and store.stage(ckpt, "alice") == rev  # idempotent
+    staged = tmp_path / "store" / ".staged" / "alice" / rev
+    assert sorted(p.name for p in staged.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert not store.available("alice", rev)
+    with pytest.raises(NotPublished, match="no alice at revision"):
+        store.download("alice", rev, tmp_path / "early", max_bytes=10**6)
+    with pytest.raises(StoreError, match="escapes the store"):  # the staging area is not a repository
+        store.download(".staged/alice", rev, tmp_path / "early", max_bytes=10**6)
+
+    store.publish("alice", rev)
+    assert store.available("alice", rev) and not staged.exists()
+    store.publish("alice", rev)  # again: fine
+    assert store.stage(ckpt, "alice") == rev and not staged.exists()  # already published: nothing staged
+    out = store.download("alice", rev, tmp_path / "out", max_bytes=10**6)
+    assert content_hash(out) == content_hash(ckpt)
+    assert not [p for p in (tmp_path / "store").rglob("*") if p.name.startswith(".upload-")]
+
+    # staged again beside a published copy (another process published it): publishing drops ours
+    _checkpoint(staged)
+    store.publish("alice", rev)
+    assert not staged.exists() and store.available("alice", rev)
+
+    other = _checkpoint(tmp_path / "other", value=2.0)
+    with pytest.raises(
+        StoreError, match=r"nothing staged for alice at revision .*: stage the checkpoint first"
+    ):
+        store.publish("alice", content_hash(other)[:40])
+    assert not store.available("bob", rev)
+
+
+def test_a_failed_local_stage_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
+    import errno
+    import shutil
+
+    def disk_full(src, dst, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", disk_full)
+    store = LocalStore(tmp_path / "store")
+    with pytest.raises(StoreError, match=r"cannot write .* in the local store: .*No space left on device"):
+        store.stage(_checkpoint(tmp_path / "ckpt"), "alice")
+    assert [p.name for p in (tmp_path / "store").rglob("*")] == [".staged", "alice"]  # no temporary dir
+
+
+# -- the local store serves regular files only -----------------------------------------------------
+
+
+def _published(tmp_path: Path) -> tuple[LocalStore, str, Path]:
+    store = LocalStore(tmp_path / "store")
+    rev = store.upload(_checkpoint(tmp_path / "ckpt"), "mallory")
+    return store, rev, tmp_path / "store" / "mallory" / rev
+
+
+def test_the_local_store_refuses_a_symlink_to_a_private_file(tmp_path) -> None:
+    store, rev, published = _published(tmp_path)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"key": "do not serve"}')
+    secret.chmod(0o600)
+    (published / "tokenizer.json").unlink()
+    (published / "tokenizer.json").symlink_to(secret)
+    with pytest.raises(
+        StoreError, match=r"tokenizer\.json is a symlink; a checkpoint holds regular files only"
+    ):
+        store.download("mallory", rev, tmp_path / "out", max_bytes=10**6)
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_the_local_store_refuses_a_symlinked_revision_or_repository(tmp_path) -> None:
+    store, rev, published = _published(tmp_path)
+    (tmp_path / "store" / "eve").mkdir()
+    (tmp_path / "store" / "eve" / rev).symlink_to(published, target_is_directory=True)
+    with pytest.raises(StoreError, match=f"eve/{rev} is a symlink"):
+        store.download("eve", rev, tmp_path / "out", max_bytes=10**6)
+    (tmp_path / "store" / "trent").symlink_to(tmp_path / "store" / "mallory", target_is_directory=True)
+    with pytest.raises(StoreError, match="trent is a symlink"):
+        store.download("trent", rev, tmp_path / "out", max_bytes=10**6)
+    with pytest.raises(StoreError, match="trent is a symlink"):
+        store.available("trent", rev)
+
+
+def test_the_local_store_refuses_special_files(tmp_path) -> None:
+    store, rev, published = _published(tmp_path)
+    os.mkfifo(published / "tokenizer_config.json")  # reading it would wait forever for a writer
+    with pytest.raises(StoreError, match=r"tokenizer_config\.json is not a regular file"):
+        store.download("mallory", rev, tmp_path / "out", max_bytes=10**6)
+    (published / "tokenizer_config.json").unlink()
+    (published / "nested").mkdir()
+    with pytest.raises(StoreError, match="nested is not a regular file"):
+        store.download("mallory", rev, tmp_path / "out", max_bytes=10**6)
+
+
+def test_a_huge_sparse_file_is_refused_before_copying(tmp_path) -> None:
+    store, rev, published = _published(tmp_path)
+    with open(published / "model-00002-of-00002.safetensors", "wb") as f:
+        f.truncate(2**30)  # 1 GiB that takes no disk: only its listed size can stop it
+    with pytest.raises(StoreError, match="over the limit"):
+        store.download("mallory", rev, tmp_path / "out", max_bytes=2**20)
+    assert not (tmp_path / "out" / "model-00002-of-00002.safetensors").exists()
+
+
+def test_a_file_that_grows_while_it_is_copied_is_refused(tmp_path, monkeypatch) -> None:
+    import neurons.store as store_module
+
+    store, rev, published = _published(tmp_path)
+    limit = sum(p.stat().st_size for p in published.iterdir()) + 10
+    real_check = store_module._check_listing
+
+    def grow_after_listing(files, where, max_bytes):  # the file grows between the listing and the copy
+        real_check(files, where, max_bytes)
+        with open(published / "tokenizer.json", "ab") as f:
+            f.write(b" " * 100)
+
+    monkeypatch.setattr(store_module, "_check_listing", grow_after_listing)
+    with pytest.raises(StoreError, match=r"tokenizer\.json grew past the size limit while being copied"):
+        store.download("mallory", rev, tmp_path / "out", max_bytes=limit)
+
+
+class StagingHub:
+    """The Hub as the staging store sees it: repositories with a visibility, commits, and
+    huggingface_hub's error classes (by name, as the store compares them)."""
+
+    class RepositoryNotFoundError(Exception):
+        pass
+
+    class RevisionNotFoundError(Exception):
+        pass
+
+    class GatedRepoError(Exception):
+        pass
+
+    def __init__(self, public: set[str] = frozenset(), commits: dict[str, list[str]] | None = None):
+        self.private = {repo: False for repo in public}
+        self.commits = commits or {repo: ["0" * 40] for repo in public}
+        self.calls: list[tuple] = []
+        self.down = False
+        self.reader = "owner"
+
+    def create_repo(self, *, repo_id, repo_type, private=None, exist_ok=False):
+        self.calls.append(("create_repo", repo_id, private))
+        if repo_id not in self.private:
+            self.private[repo_id] = bool(private)
+            self.commits[repo_id] = []
+
+    def update_repo_settings(self, repo_id, *, private=None):
+        self.calls.append(("update_repo_settings", repo_id, private))
+        if repo_id not in self.private:
+            raise self.RepositoryNotFoundError(f"404 {repo_id}")
+        self.private[repo_id] = private
+
+    def upload_folder(self, *, repo_id, folder_path, allow_patterns, commit_message):
+        self.calls.append(("upload_folder", repo_id, sorted(allow_patterns)))
+        oid = f"{len(self.commits[repo_id]) + 1:040x}"
+        self.commits[repo_id].append(oid)
+        return SimpleNamespace(oid=oid)
+
+    def model_info(self, repo, revision=None, files_metadata=False):
+        if self.down:
+            raise ConnectionError("502 Bad Gateway")
+        # the miner's token reads its private repository; to a validator it does not exist
+        if repo not in self.private or (self.private[repo] and self.reader != "owner"):
+            raise self.RepositoryNotFoundError(f"404 {repo}")
+        if revision is not None and revision not in self.commits[repo]:
+            raise self.RevisionNotFoundError(f"404 {repo}@{revision}")
+        siblings = [SimpleNamespace(rfilename=n, size=10) for n in ("config.json", "model.safetensors")]
+        return SimpleNamespace(private=self.private[repo], sha=revision, siblings=siblings)
+
+    def as_validator(self) -> StagingHub:
+        self.reader = "validator"
+        return self
+
+
+def test_hub_stage_uploads_to_a_private_repository_and_publish_makes_it_public(tmp_path, caplog) -> None:
+    ckpt = _checkpoint(tmp_path / "ckpt", extra={"trainer_state.pt": b"pickle"})
+    hub = StagingHub()
+    store = HubStore(api=hub)
+    rev = store.stage(ckpt, "alice/q")
+    assert rev == f"{1:040x}" and hub.private["alice/q"] is True
+    assert hub.calls[0] == ("create_repo", "alice/q", True)
+    assert hub.calls[1] == (
+        "upload_folder",
+        "alice/q",
+        ["config.json", "model.safetensors", "tokenizer.json"],
+    )
+    assert not any(c[0] == "update_repo_settings" for c in hub.calls)  # new and private already: no warning
+    assert "hidden" not in caplog.text
+
+    validator = HubStore(api=hub.as_validator())
+    assert not validator.available("alice/q", rev)
+    with pytest.raises(NotPublished, match="404 alice/q"):
+        validator.download("alice/q", rev, tmp_path / "d", max_bytes=10**6)
+
+    store.publish("alice/q", rev)
+    store.publish("alice/q", rev)  # again: fine
+    assert hub.private["alice/q"] is False and validator.available("alice/q", rev)
+    assert not validator.available("alice/q", "f" * 40)
+    with pytest.raises(NotPublished, match="404 alice/q@f"):
+        validator.download("alice/q", "f" * 40, tmp_path / "d", max_bytes=10**6)
+
+
+def test_hub_stage_hides_a_public_repository_until_publish(tmp_path, caplog) -> None:
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    hub = StagingHub(public={"alice/q"})
+    rev = HubStore(api=hub).stage(ckpt, "alice/q")
+    assert hub.private["alice/q"] is True and rev in hub.commits["alice/q"]
+    assert [c[0] for c in hub.calls] == ["create_repo", "update_repo_settings", "upload_folder"]
+    assert "previous version is hidden too until the new one is published" in caplog.text
+
+
+def test_hub_stage_publish_and_available_failures(tmp_path) -> None:
+    ckpt = _checkpoint(tmp_path / "ckpt")
+
+    class Down(StagingHub):
+        def upload_folder(self, **kw):
+            raise ConnectionError("network down")
+
+    with pytest.raises(StoreError, match=r"staging .* in the Hub repository alice/q failed: network down"):
+        HubStore(api=Down()).stage(ckpt, "alice/q")
+    with pytest.raises(StoreError, match=r"\(was it staged\?\): 404 bob/q") as caught:
+        HubStore(api=StagingHub()).publish("bob/q", "a" * 40)
+    assert type(caught.value) is StoreError  # the caller's mistake: neither retried nor "not yet"
+
+    class SettingsDown(StagingHub):
+        def update_repo_settings(self, repo_id, *, private=None):
+            raise ConnectionError("502 Bad Gateway")
+
+    with pytest.raises(StoreUnavailable, match="502"):
+        HubStore(api=SettingsDown()).publish("alice/q", "a" * 40)
+
+    hub = StagingHub(public={"alice/q"})
+    hub.down = True
+    with pytest.raises(StoreUnavailable, match="502 Bad Gateway"):
+        HubStore(api=hub).available("alice/q", "0" * 40)
+
+    class Gated(StagingHub):
+        def model_info(self, *a, **kw):
+            raise self.GatedRepoError("403 gated")
+
+    assert not HubStore(api=Gated()).available("alice/q", "0" * 40)
+    with pytest.raises(StoreError, match="403 gated") as caught:  # gated is the miner's doing: no retry
+        HubStore(api=Gated()).download("alice/q", "0" * 40, tmp_path / "d", max_bytes=10**6)
+    assert not isinstance(caught.value, NotPublished | StoreUnavailable)

@@ -98,10 +98,11 @@ def _rejected(result, code: str, words: str) -> None:
     ("data", "words"),
     [
         ("hello", "does not start with 'q24:'"),
-        ("q24:2:local:a:b:c", "unsupported q24 protocol version"),
-        ("q24:1:local:alice", "expected 6 ':'-separated fields"),
-        ("q24:1:local:alice:" + "z" * 40 + ":" + "0" * 32, "revision must be 40 lowercase hex"),
-        ("q24:1:hf:alice/q:" + "a" * 40 + ":" + "0" * 32, "points at a hf store; this subnet uses local"),
+        ("q24:9:local:a:b:c", "unsupported q24 protocol version"),
+        ("q24:1:local:a:b:c", "version 1 is retired"),
+        ("q24:2:local:alice", "expected 6 ':'-separated fields"),
+        ("q24:2:local:alice:" + "z" * 40 + ":" + "0" * 32, "revision must be 40 lowercase hex"),
+        ("q24:2:hf:alice/q:" + "a" * 40 + ":" + "0" * 32, "points at a hf store; this subnet uses local"),
     ],
 )
 def test_a_malformed_commitment_is_rejected_as_format(validator, prompts, data, words) -> None:
@@ -110,9 +111,15 @@ def test_a_malformed_commitment_is_rejected_as_format(validator, prompts, data, 
     assert result.hotkey == "5Format" and result.data == data
 
 
-def test_a_missing_revision_is_rejected_as_download(validator, prompts) -> None:
+def test_a_revision_never_published_is_pending_within_the_grace_then_rejected(validator, prompts) -> None:
     data = Commitment("local", "5Ghost", "a" * 40, "0" * 32).encode()
-    _rejected(_judge(validator, prompts, "5Ghost", data), "DOWNLOAD", f"no 5Ghost at revision {'a' * 40}")
+    now = validator.chain.current_block()
+    grace = validator.cfg.scoring.publish_grace_blocks
+    fresh = _judge(validator, prompts, "5Ghost", data, block=now)
+    assert (fresh.status, fresh.code) == ("pending", "UNPUBLISHED"), fresh
+    assert f"5Ghost|{data}" not in validator.state.verdicts  # committed before publishing: retried
+    late = _judge(validator, prompts, "5Ghost", data, block=now - grace - 1)
+    _rejected(late, "DOWNLOAD", f"still not downloadable {grace + 1} blocks after its commitment")
 
 
 def test_an_oversized_checkpoint_is_rejected_before_download(
@@ -262,10 +269,6 @@ def test_a_slow_model_times_out(validator, prompts, workdir, monkeypatch) -> Non
     assert (result.status, result.code) == ("timeout", "SLOW"), result
     assert "time budget" in result.reason or "did not finish" in result.reason
     assert f"5Slow|{data}" not in validator.state.verdicts  # may be faster on another round
-    # the KL loop itself stops at the deadline
-    model = _model(len(validator.tokenizer), 22)
-    assert validator.kl_scores(model, prompts, deadline=0.0) is None
-    assert validator.kl_scores(model, prompts, deadline=float("inf")).shape == (PROMPTS,)
 
 
 @pytest.mark.parametrize(
@@ -281,11 +284,11 @@ def test_a_long_context_failure_keeps_the_kl_and_says_what_happened(
 ) -> None:
     from types import SimpleNamespace
 
-    def suite(path, cfg):
+    def suite(predictor, tokenizer, cfg, **kwargs):
         samples = [SimpleNamespace(score=1.0)]
         return SimpleNamespace(status=suite_status, message=message, samples=samples, score=1.0)
 
-    monkeypatch.setattr("validator_tasks.runner.evaluate_path", suite)
+    monkeypatch.setattr("validator_tasks.runner.evaluate", suite)
     hotkey = f"5Long-{suite_status}"
     data = _publish(validator, _checkpoint(validator, workdir, hotkey, seed=30 + len(suite_status)), hotkey)
     result = _judge(validator, prompts, hotkey, data)
@@ -322,7 +325,7 @@ def test_a_rejection_is_remembered_per_commitment_without_downloading_again(
     assert (again.uid, again.block) == (4, 61)
     # another commitment of the same hotkey is judged afresh
     fresh = Commitment("local", "5Again", "d" * 40, "0" * 32).encode()
-    _rejected(_judge(validator, prompts, "5Again", fresh), "DOWNLOAD", "no 5Again at revision")
+    assert _judge(validator, prompts, "5Again", fresh).code == "UNPUBLISHED"  # not there yet
     assert calls == [("5Again", "d" * 40)]
 
 

@@ -1,5 +1,6 @@
-"""Validator pre-checks: each failure code on a real tiny checkpoint, and copy detection by content
-hash and by activation fingerprint (noise-injected copies), earliest commitment owning."""
+"""Validator pre-checks: each failure code on a real tiny checkpoint (a forward's cost bounded, not
+only its parameters), and copy detection by content hash and by activation fingerprint
+(noise-injected copies), earliest commitment owning."""
 
 from __future__ import annotations
 
@@ -14,9 +15,18 @@ from neurons.store import content_hash
 from neurons.verify import Competition, Submission, cosine, find_copies, fingerprint, verify_checkpoint
 from quasar import QuasarConfig, QuasarForCausalLM
 from quasar.checkpoint import save_checkpoint
+from quasar.cost import forward_cost
 
 REV = "0" * 40
-COMPETITION = Competition(fixed_fields={"vocab_size": 512}, max_parameters=1_000_000)  # tiny: 0.2M
+COMPETITION = Competition(
+    fixed_fields={"vocab_size": 512},
+    max_parameters=1_000_000,  # tiny: 0.2M
+    reference_cost=forward_cost(QuasarConfig.from_preset("tiny", vocab_size=512)),
+    max_cost_ratio=4.0,
+)
+PROBE = torch.Generator().manual_seed(3)
+PROBE_WINDOWS = torch.randint(0, 512, (2, 16), generator=PROBE).tolist()
+PROBE_IDS = sorted(torch.randperm(512, generator=PROBE)[:64].tolist())
 
 
 def _save(path, seed: int = 0, **overrides):
@@ -76,6 +86,33 @@ def test_each_failure_has_its_code_and_reason(tmp_path) -> None:
     for path, commitment, code, reason in cases:
         verdict = verify_checkpoint(path, commitment, "5A", COMPETITION)
         assert verdict.code == code and reason in verdict.reason, (path.name, verdict)
+    unloaded = verify_checkpoint(good, _commit(good, "5A"), "5A", COMPETITION, load=False)
+    assert unloaded.ok and unloaded.model is None  # the validator loads in its bounded worker
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"num_loops": 500_000}, "flops per token"),  # adds 499,998 scalars: far inside the budget
+        ({"num_loops": 2000}, "num_loops 2000"),
+        ({"memory_slots": 200_000, "memory_dim": 1, "memory_segment_size": 1}, "activation bytes per token"),
+        ({"memory_slots": 600_000, "memory_dim": 1, "memory_segment_size": 1}, "memory_slots 600000"),
+        ({"num_heads": 1, "head_dim": 2048, "output_gate_rank": 4}, "state bytes"),
+    ],
+)
+def test_a_forward_that_costs_too_much_per_token_is_over_budget(overrides, words) -> None:
+    from neurons.verify import cost_problem
+
+    config = QuasarConfig.from_preset("tiny", vocab_size=512, **overrides)
+    with torch.device("meta"):
+        parameters = QuasarForCausalLM(config).parameter_counts()["total"]
+    problem = cost_problem(config, COMPETITION)
+    assert words in problem and "costs more than 4x the competition architecture's" in problem, problem
+    if "num_loops" in overrides or "memory_dim" in overrides:
+        assert parameters <= COMPETITION.max_parameters  # the parameter budget alone lets them through
+    # the competition's own architecture, and 2 extra loops of it, are fine
+    assert cost_problem(QuasarConfig.from_preset("tiny", vocab_size=512), COMPETITION) == ""
+    assert cost_problem(QuasarConfig.from_preset("tiny", vocab_size=512, num_loops=4), COMPETITION) == ""
 
 
 def test_copies_by_hash_and_by_fingerprint_earliest_owns(tmp_path) -> None:
@@ -92,7 +129,9 @@ def test_copies_by_hash_and_by_fingerprint_earliest_owns(tmp_path) -> None:
     def submission(path, hotkey, block):
         verdict = verify_checkpoint(path, _commit(path, hotkey), hotkey, COMPETITION)
         assert verdict.ok
-        return Submission(hotkey, block, verdict.content_hash, fingerprint(verdict.model))
+        return Submission(
+            hotkey, block, verdict.content_hash, fingerprint(verdict.model, PROBE_WINDOWS, PROBE_IDS)
+        )
 
     subs = [
         submission(noisy, "5Noisy", 30),
@@ -111,7 +150,7 @@ def test_copies_by_hash_and_by_fingerprint_earliest_owns(tmp_path) -> None:
     assert find_copies(swapped) == {"5Orig": "5Noisy", "5Exact": "5Noisy"}
     # the fingerprint is deterministic
     model = verify_checkpoint(original, _commit(original, "5Orig"), "5Orig", COMPETITION).model
-    assert (fingerprint(model) == fp["5Orig"]).all()
+    assert (fingerprint(model, PROBE_WINDOWS, PROBE_IDS) == fp["5Orig"]).all()
 
 
 def test_find_copies_same_block_is_decided_the_same_everywhere() -> None:

@@ -80,3 +80,34 @@ def test_generated_length_band():
     assert ok.within_band and ok.ratio == pytest.approx(310 / 305)
     assert not generated_length_check([900, 1000], [100, 120]).within_band  # rambling
     assert not generated_length_check([1, 2], [100, 120]).within_band  # silent
+
+
+def _topk_prompts(teacher, k: int = 8) -> list:
+    prompts = []
+    for n in (20, 33, 27):
+        tokens = np.random.default_rng(n).integers(0, teacher.config.vocab_size, n)
+        with torch.no_grad():
+            logits = teacher(torch.as_tensor(tokens)[None], use_cache=False).logits[0, :-1]
+        full = _teacher_rows(logits)
+        tail = np.log1p(-np.exp(full.logprobs[:, :k]).sum(-1).clip(max=1 - 1e-6)).astype(np.float32)
+        tail[0] = 0.0
+        prompts.append((tokens, TopK(full.token_ids[:, :k], full.logprobs[:, :k], tail)))
+    return prompts
+
+
+def test_behaviour_is_a_distribution_and_its_distance_is_zero_to_itself_only() -> None:
+    from validator_tasks.kl_eval import behaviour_distance
+
+    prompts = _topk_prompts(tiny_model(0))
+    student = tiny_model(1)
+    kl, mine = per_prompt_kl(student, prompts, score_from=2, behaviour=True)
+    assert np.allclose(kl, per_prompt_kl(student, prompts, score_from=2))
+    assert len(mine) == 3 and all(b.shape[1] == 8 + 1 for b in mine)
+    for b in mine:  # the k buckets and the tail hold all the mass, nothing is NaN
+        assert not np.isnan(b).any() and np.allclose(np.exp(b.astype(np.float64)).sum(axis=1), 1.0, atol=1e-4)
+    _, theirs = per_prompt_kl(tiny_model(2), prompts, score_from=2, behaviour=True)
+    assert behaviour_distance(mine, mine) == 0.0
+    d = behaviour_distance(mine, theirs)
+    assert d > 0 and d == pytest.approx(behaviour_distance(theirs, mine))
+    with pytest.raises(ValueError):
+        behaviour_distance(mine, theirs[:2])
