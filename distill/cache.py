@@ -12,33 +12,53 @@ sha256 of the teacher fingerprint (teacher name, k, and whatever settings change
 
 A sample is one student token sequence x_0 .. x_{n-1} (int32) with its teacher `TopK`. It is keyed by
 `sample_key(tokens)`, the sha256 of the tokens as little-endian int32. Rows 1 .. n-1 are stored; row 0 is
-empty by convention (see `distill.types`) and rebuilt on read. Storage is lossless at storage precision:
-token ids and tokens exact, log-probabilities and the tail log-mass exactly their float16 values (so
--inf is kept, and values below -65504 become -inf).
+empty by convention (see `distill.types`) and rebuilt on read. The precision is the directory's (its
+fingerprint records it, see `Precision`): `lossless` (the default) stores token ids and tokens exact,
+log-probabilities and the tail log-mass exactly their float16 values (so -inf is kept, and values below
+-65504 become -inf); `compact` (lossy) keeps the top ranks of each row (the first 32, and more until
+what is left holds at most 3% of the probability, which moves to the tail) with log-probs on a 1/16-nat
+grid (error <= 1/32): a third to 40% fewer bytes in bench/cache.py.
 
-Encoding of one sample (the same in shards and in the journal): five streams of unsigned integers, each
-split into byte planes (a top plane of at most 4 bits is bit-packed) and each plane compressed on its
-own (zlib, or lzma when asked for):
+Encoding of one sample (the same in shards and in the journal; a mode byte after n and k says which).
+Format version 2 (written; `_encode_rows`), lossless layout:
 
-- tokens [n];
-- tail: the float16 bit patterns of the tail log-mass [n-1];
-- logprob ranks: log-probs arrive in descending order, and the float16 bit pattern of a negative value
-  grows as the value falls, so each row is stored as its first pattern plus the differences between
-  neighbours (mod 2^16, so any input round-trips), rank-major: small numbers that compress well;
-- ids: in a shard, codes into a per-shard dictionary ranked by frequency (frequent ids get small
-  codes, so high byte planes are mostly zero) or, when that would not pay (near-uniform ids), id + 1
-  directly; the journal always uses id + 1 so that appending never depends on later samples.
+- plane streams, each split into byte planes (a top plane of at most 4 bits is bit-packed), each plane
+  compressed on its own (zlib, or lzma when asked for): tokens [n]; tail: the float16 bit patterns of
+  the tail log-mass [n-1]; first: the float16 order key of rank 0 [n-1] (the pattern of a negative
+  value grows as the value falls);
+- log-prob differences: each row's order keys as differences between neighbours (mod 2^16, so any
+  input round-trips), rank-major, bucket-coded in rank groups (1, 2-3, 4-7, ..., 64-127) that keep
+  their own symbol statistics;
+- ids: in a shard, codes into a per-shard dictionary ranked by frequency or, when that would not pay
+  (near-uniform ids), id + 1; the journal always uses id + 1 so that appending never depends on later
+  samples. Rank-major, bucket-coded.
+
+Bucket coding: a value below 16 is its own symbol; a larger one is the symbol of its bit length and the
+3 bits under its leading one, followed by its remaining low bits verbatim. The one-byte symbols are
+entropy-coded (zlib with Huffman only, or plain zlib/lzma when smaller), the low bits bit-packed: a
+frequency-ranked code costs about its order-0 entropy this way (13.3 bits for real teachers' top-128
+ids, which byte planes stored in 15.8). The compact layout holds the grid step, plane streams [tokens,
+tail, kept slots per row, first (rows with any)], the grid-index differences of ranks 1.. (rank 1
+against the grid point at or below rank 0) and the kept slots' id codes, both rank-major over kept
+slots only. Format version 1 (read, never written; `_decode_rows_v1`) holds the same five quantities
+of the lossless layout as plane streams.
 
 Files (all integers little-endian):
 
-- shard: b"QLCSHARD", u32 version, u32 header length, u32 crc32 of the header, the JSON header
+- shard: b"QLCSHARD", u32 version (2; 1 read), u32 header length, u32 crc32 of the header, the JSON header
   (shard index, fingerprint hash, k, the byte range and crc32 of the id dictionary or null, and per
   sample its key, n, byte range and crc32; offsets count from the end of the header), then the blobs.
-- journal: b"QLCJOURN", u32 version, u32 index of the shard it will become; then records:
+- journal: b"QLCJOURN", u32 version (2; 1 read: a resumed version-1 journal takes version-2 records,
+  which the mode byte tells apart), u32 index of the shard it will become; then records:
   b"QREC", u32 payload length, u32 n, 32-byte key, u32 crc32 (of length, n, key and payload), payload.
 
 Crash safety: `CacheWriter.add` writes one record to the journal before it returns, so a SIGKILL loses
 at most the sample being written; it also fsyncs it (every `sync_every` adds), which covers power loss.
+With `group_commit=True` the fsync moves to a background thread instead: each fsync covers every
+record written before it started, `add` never waits for one, and `durable_samples` counts the records
+an fsync has covered (`sync()` waits for all). The contract is then: a SIGKILL loses only samples
+whose `add` had not returned; power loss or an OS crash loses at most the records written since the
+last completed fsync. Either way the journal holds a prefix of the adds, in order.
 Reopening the writer drops a torn tail (with a logged warning) and carries on. When the journal holds
 `shard_samples` samples or `shard_bytes` bytes it is rewritten as a shard, and a fresh journal
 replaces it by rename. A crash between the two leaves a journal whose shard already exists; it
@@ -56,6 +76,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import lzma
@@ -64,6 +85,7 @@ import os
 import re
 import struct
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,7 +99,8 @@ from quasar.files import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; version 1 (entropy coding of byte planes) is still read
+READ_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = "journal.qlj"
 LOCK_NAME = "writer.lock"
@@ -90,12 +113,19 @@ RECORD_MAGIC = b"QREC"
 _SHARD_PREFIX = struct.Struct("<8sIII")  # magic, version, header length, header crc32
 _JOURNAL_HEADER = struct.Struct("<8sII")  # magic, version, index of the shard this journal becomes
 _RECORD_HEADER = struct.Struct("<4sII32sI")  # magic, payload length, n, key, crc32
-_SAMPLE_HEADER = struct.Struct("<IIB")  # n, k, id mode
+_SAMPLE_HEADER = struct.Struct("<IIB")  # n, k, mode: layout << 1 | (ids are shard-dictionary codes)
+_SECTIONS = struct.Struct("<II")  # version-2 payload: lengths of its first two sections
+_BUCKET_HEADER = struct.Struct("<BBBB")  # codec, level, mantissa bits, number of groups
+_GROUP_INFO = struct.Struct("<III")  # values, compressed symbol bytes, extra-bit bytes
 _CONTAINER_HEADER = struct.Struct("<BBB")  # codec, level, number of streams
 _STREAM_INFO = struct.Struct("<IB")  # number of values, bits per value
 
 _CODECS = {"zlib": 1, "lzma": 2}
 _ID_RAW, _ID_DICT = 0, 1
+# sample layouts (the mode byte >> 1): version 1's byte planes, version 2's lossless and compact codings
+_LAYOUT_V1, _LAYOUT_LOSSLESS, _LAYOUT_COMPACT = 0, 1, 2
+_MANTISSA_BITS = 3  # bucket symbols: bit length plus the 3 bits below the leading one (values < 16 as is)
+_DELTA_GROUPS = (1, 2, 4, 8, 16, 32, 64)  # log-prob deltas: rank groups with their own symbol statistics
 _SHARD_RE = re.compile(r"^shard-(\d{6,})\.qlc$")
 _TMP_PREFIX = ".tmp-"
 
@@ -125,14 +155,26 @@ def sample_key(tokens: Sequence[int] | np.ndarray) -> str:
     return hashlib.sha256(_as_tokens(tokens).astype("<i4", copy=False).tobytes()).hexdigest()
 
 
-def teacher_fingerprint(teacher: str, k: int, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def teacher_fingerprint(
+    teacher: str,
+    k: int,
+    settings: Mapping[str, Any] | None = None,
+    precision: str | Precision | Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The fingerprint a cache directory is keyed on: teacher name, k, and settings that change the numbers
-    (revision, dtype, backend, max length, ...). Must be JSON-serialisable."""
+    (revision, dtype, backend, max length, ...). Must be JSON-serialisable. `precision` ("lossless", the
+    default, or "compact", or a `Precision`): a compact cache records its parameters under "precision",
+    so lossless and lossy outputs never share a directory (a lossless fingerprint has no such entry, as
+    before version 2)."""
     if not isinstance(teacher, str) or not teacher:
         raise ValueError("teacher must be a non-empty string naming the model, revision and backend")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    return {"teacher": teacher, "k": k, "settings": dict(settings or {})}
+    fingerprint = {"teacher": teacher, "k": k, "settings": dict(settings or {})}
+    entry = Precision.of(precision).fingerprint_entry()
+    if entry is not None:
+        fingerprint["precision"] = entry
+    return fingerprint
 
 
 def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
@@ -251,12 +293,26 @@ class LogitCache:
         self.fingerprint: dict[str, Any] = manifest["fingerprint"]
         self.fingerprint_hash: str = manifest["fingerprint_hash"]
         self.k: int = int(self.fingerprint["k"])
+        try:
+            self.precision: Precision = Precision.of(self.fingerprint.get("precision"))
+        except ValueError as e:
+            raise CacheError(
+                f"{self.path}: its fingerprint names a cache precision this code does not know ({e}): use the "
+                "matching quasar-sn24 version"
+            ) from e
 
     @classmethod
     def for_teacher(
-        cls, root: str | Path, teacher: str, k: int, settings: Mapping[str, Any] | None = None
+        cls,
+        root: str | Path,
+        teacher: str,
+        k: int,
+        settings: Mapping[str, Any] | None = None,
+        precision: str | Precision | None = None,
     ) -> LogitCache:
-        fingerprint = teacher_fingerprint(teacher, k, settings)
+        """The directory of this teacher's fingerprint under `root` (created if new); `precision`:
+        "lossless" (default) or "compact" (see `Precision`), a separate directory each."""
+        fingerprint = teacher_fingerprint(teacher, k, settings, precision)
         return cls(Path(root) / cache_dir_name(fingerprint), fingerprint)
 
     def writer(
@@ -267,6 +323,7 @@ class LogitCache:
         codec: str = "zlib",
         level: int | None = None,
         sync_every: int = 1,
+        group_commit: bool = False,
     ) -> CacheWriter:
         """The single writer of this directory; see `CacheWriter` for the options."""
         return CacheWriter(
@@ -276,6 +333,7 @@ class LogitCache:
             codec=codec,
             level=level,
             sync_every=sync_every,
+            group_commit=group_commit,
         )
 
     def reader(self, *, include_journal: bool = True) -> CacheReader:
@@ -314,9 +372,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise CacheCorruptError(
             f"{path}: unreadable cache manifest ({e}); restore it, or delete the directory to rebuild the cache"
         ) from e
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise CacheError(
-            f"{path}: cache format version {version}, this code handles version {FORMAT_VERSION}: use the "
+            f"{path}: cache format version {version}, this code handles versions {READ_VERSIONS}: use the "
             "matching quasar-sn24 version, or delete the directory to rebuild the cache"
         )
     manifest["fingerprint_hash"] = fingerprint_hash(fingerprint)
@@ -439,19 +497,230 @@ def _unpack_streams(buf: bytes, pos: int) -> list[np.ndarray]:
 
 
 def _order_key(bits: np.ndarray) -> np.ndarray:
-    """float16 bit patterns -> uint16 keys that grow as the value falls (the pattern itself if negative)."""
+    """float16 bit patterns -> uint16 keys that grow as the value falls (the pattern itself if negative).
+    The map is its own inverse."""
     return np.where(bits & 0x8000, bits, ~bits & 0x7FFF).astype(np.uint16)
+
+
+# -- version 2: bucket coding. A value v < 16 is its own symbol; a larger one is the symbol of its bit
+# length and the 3 bits below its leading one, followed by its remaining low bits verbatim ("extra bits").
+# Symbols (one byte each) are entropy coded (zlib: Huffman, which lands within a few percent of the
+# order-0 entropy here; LZ77 matching on near-random symbols only costs), extra bits are bit-packed.
+# For a frequency-ranked code this costs about the code's order-0 entropy, where byte planes cost more.
+
+
+def _to_buckets(values: np.ndarray, mbits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Values < 2^32 -> (uint8 symbols, int64 extra-bit widths, uint32 extra bits)."""
+    v = np.asarray(values).reshape(-1)
+    if v.size and int(v.max()) >= 1 << 32:
+        raise ValueError("bucket coding takes values below 2^32")
+    v = v.astype(np.uint32)
+    direct = 1 << (mbits + 1)
+    bits = np.frexp(v.astype(np.float64))[1]  # bit length (exact: float64 holds 32-bit integers)
+    big = v >= direct
+    widths = np.where(big, bits - 1 - mbits, 0).astype(np.int64)
+    shift = widths.astype(np.uint32)
+    top = (v >> shift).astype(np.int64) - (1 << mbits)  # the bits below the leading one
+    symbols = np.where(big, direct + ((bits - mbits - 2) << mbits) + top, v)
+    extra = v & ((np.uint32(1) << shift) - np.uint32(1))
+    return symbols.astype(np.uint8), widths, extra
+
+
+def _from_buckets(symbols: np.ndarray, raw_bits: bytes, mbits: int) -> np.ndarray:
+    """uint8 symbols and their packed extra bits -> uint32 values (inverse of `_to_buckets` + `_pack_bits`)."""
+    direct = 1 << (mbits + 1)
+    values = symbols.astype(np.uint32)
+    big = np.flatnonzero(symbols >= direct)
+    t = values[big] - np.uint32(direct)
+    widths = (t >> np.uint32(mbits)) + np.uint32(1)  # bit length - 1 - mbits
+    head = np.uint32(1 << mbits) + (t & np.uint32((1 << mbits) - 1))
+    values[big] = (head << widths) | _unpack_bits(raw_bits, widths)
+    return values
+
+
+def _pack_bits(extra: np.ndarray, widths: np.ndarray) -> bytes:
+    """Concatenate the low `widths[i]` bits of each `extra[i]` (LSB first) into bytes."""
+    total = int(widths.sum())
+    if total == 0:
+        return b""
+    nz = widths > 0
+    x, w = extra[nz].astype(np.uint64), widths[nz]
+    offsets = np.cumsum(w) - w
+    word, shift = offsets >> 6, (offsets & 63).astype(np.uint64)
+    out = np.zeros(total // 64 + 2, dtype=np.uint64)
+    starts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
+    out[word[starts]] = np.add.reduceat(x << shift, starts)  # disjoint bit fields: the sum is their OR
+    spill = shift.astype(np.int64) + w > 64  # at most one value straddles each word boundary
+    if spill.any():
+        out[word[spill] + 1] += x[spill] >> (np.uint64(64) - shift[spill])
+    return out.astype("<u8", copy=False).tobytes()[: (total + 7) // 8]
+
+
+def _unpack_bits(raw: bytes, widths: np.ndarray) -> np.ndarray:
+    """The uint32 values `_pack_bits` packed, given their widths (each at most 32)."""
+    total = int(widths.sum(dtype=np.int64))
+    if len(raw) != (total + 7) // 8:
+        raise ValueError(f"extra bits take {len(raw)} bytes, the symbols need {(total + 7) // 8}")
+    buf = np.zeros((total // 32 + 2) * 4, dtype=np.uint8)
+    buf[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    words = buf.view("<u4").astype(np.uint64)
+    offsets = np.cumsum(widths, dtype=np.int64) - widths
+    at, shift = offsets >> 5, (offsets & 31).astype(np.uint64)
+    mask = (np.uint64(1) << widths.astype(np.uint64)) - np.uint64(1)
+    return (((words[at] | (words[at + 1] << np.uint64(32))) >> shift) & mask).astype(np.uint32)
+
+
+def _compress_symbols(data: bytes, codec: int, level: int) -> bytes:
+    if codec != 1 or level == 0:
+        return _compress(data, codec, level)
+    c = zlib.compressobj(level, zlib.DEFLATED, 15, 8, zlib.Z_HUFFMAN_ONLY)
+    best = c.compress(data) + c.flush()
+    if level >= 6:  # runs (a sparse row, a small dictionary) can still pay for LZ77: keep the smaller
+        alt = zlib.compress(data, level)
+        best = alt if len(alt) < len(best) else best
+    return best
+
+
+def _pack_buckets(values: np.ndarray, bounds: Sequence[int], codec: int, level: int) -> bytes:
+    """uint32 values, split at `bounds` into groups with their own symbol statistics -> one blob."""
+    symbols, widths, extra = _to_buckets(values, _MANTISSA_BITS)
+    infos, sections = [], []
+    for a, b in itertools.pairwise(bounds):
+        sym = _compress_symbols(symbols[a:b].tobytes(), codec, level)
+        bits = _pack_bits(extra[a:b], widths[a:b])
+        infos.append(_GROUP_INFO.pack(b - a, len(sym), len(bits)))
+        sections += [sym, bits]
+    return b"".join([_BUCKET_HEADER.pack(codec, level, _MANTISSA_BITS, len(infos)), *infos, *sections])
+
+
+def _unpack_buckets(buf: bytes) -> np.ndarray:
+    """A `_pack_buckets` blob -> its uint32 values (all groups, in order)."""
+    codec, level, mbits, count = _BUCKET_HEADER.unpack_from(buf, 0)
+    if mbits != _MANTISSA_BITS:
+        raise ValueError(
+            f"bucket coding with {mbits} mantissa bits; this code writes and reads {_MANTISSA_BITS}"
+        )
+    pos = _BUCKET_HEADER.size
+    infos = [_GROUP_INFO.unpack_from(buf, pos + i * _GROUP_INFO.size) for i in range(count)]
+    pos += count * _GROUP_INFO.size
+    if pos + sum(s + x for _, s, x in infos) != len(buf):
+        raise ValueError(
+            f"bucket groups take {pos + sum(s + x for _, s, x in infos)} bytes, the blob has {len(buf)}"
+        )
+    parts = []
+    for size, sym_len, bits_len in infos:
+        symbols = np.frombuffer(_decompress(buf[pos : pos + sym_len], codec, level), dtype=np.uint8)
+        pos += sym_len
+        if symbols.size != size:
+            raise ValueError(f"a bucket group holds {symbols.size} symbols, expected {size}")
+        parts.append(_from_buckets(symbols, buf[pos : pos + bits_len], mbits))
+        pos += bits_len
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+
+
+def _group_bounds(per_rank: np.ndarray, edges: Sequence[int]) -> list[int]:
+    """Offsets of rank groups in a rank-major stream holding `per_rank[j]` values at rank j."""
+    ends = np.cumsum(per_rank)
+    inner = [int(ends[e - 1]) for e in edges if 0 < e < len(per_rank)]
+    return [0, *inner, int(ends[-1]) if len(per_rank) else 0]
+
+
+def _join_sections(a: bytes, b: bytes, c: bytes) -> bytes:
+    return _SECTIONS.pack(len(a), len(b)) + a + b + c
+
+
+def _split_sections(payload: bytes, pos: int) -> tuple[bytes, bytes, bytes]:
+    la, lb = _SECTIONS.unpack_from(payload, pos)
+    pos += _SECTIONS.size
+    if pos + la + lb > len(payload):
+        raise ValueError(f"sections of {la} + {lb} bytes do not fit a payload of {len(payload)}")
+    return payload[pos : pos + la], payload[pos + la : pos + la + lb], payload[pos + la + lb :]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a cache stores the teacher's log-probabilities; part of the fingerprint (see `teacher_fingerprint`),
+    so caches of different precisions never share a directory.
+
+    - `lossless` (the default): ids exact; log-probs and the tail log-mass exactly their float16 values.
+    - `compact`: lossy. Each row is sorted by log-prob (descending; ties keep their order) and log-probs
+      are clamped to <= 0. Kept: the first `min_keep` ranks, then further ranks until what is left (the
+      dropped suffix) holds at most `drop_mass` probability; ranks below -1024 * logprob_step (mass
+      < e^-64 at the default step) are dropped whatever their rank, except rank 0. The dropped slots read
+      back empty (MISSING_ID, -inf) and their mass is added to the tail: tail' = log(exp(tail) + dropped),
+      in float64, then stored at float16 (exact up to float16 rounding: no probability is lost). Every
+      kept log-prob but rank 0's is rounded to the nearest multiple of `logprob_step` nats; rank 0 keeps
+      its float16 value, raised to rank 1's rounded value when that is higher (so rows stay sorted). The
+      absolute log-prob error is at most logprob_step / 2 on every kept rank (a relative probability
+      error of at most e^(logprob_step / 2) - 1: 3.2% at the default 1/16); ids of kept ranks are exact.
+    """
+
+    mode: str = "lossless"
+    drop_mass: float = 0.0
+    logprob_step: float = 0.0
+    min_keep: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode == "lossless":
+            if self.drop_mass or self.logprob_step or self.min_keep:
+                raise ValueError("a lossless cache has no drop_mass, logprob_step or min_keep")
+            return
+        if self.mode != "compact":
+            raise ValueError(f"cache precision must be one of {PRECISIONS}, got {self.mode!r}")
+        if not 0 <= self.drop_mass < 1:
+            raise ValueError(f"drop_mass must be in [0, 1), got {self.drop_mass}")
+        step = self.logprob_step
+        if not (step > 0 and math.frexp(step)[0] == 0.5 and 2**-10 <= step <= 1):
+            raise ValueError(f"logprob_step must be a power of two in [2^-10, 1], got {step}")
+        if not isinstance(self.min_keep, int) or self.min_keep < 1:
+            raise ValueError(f"min_keep must be a positive int, got {self.min_keep!r}")
+
+    @classmethod
+    def of(cls, precision: str | Precision | Mapping[str, Any] | None) -> Precision:
+        """A Precision from its name ("lossless", "compact": the default parameters), its fingerprint
+        entry (a dict), or itself."""
+        if precision is None:
+            return cls()
+        if isinstance(precision, Precision):
+            return precision
+        if isinstance(precision, str):
+            if precision == "compact":
+                return cls("compact", COMPACT_DROP_MASS, COMPACT_LOGPROB_STEP, COMPACT_MIN_KEEP)
+            return cls(precision)
+        try:
+            return cls(**dict(precision))
+        except TypeError as e:
+            raise ValueError(f"bad cache precision {precision!r}: {e}") from e
+
+    def fingerprint_entry(self) -> dict[str, Any] | None:
+        """What `teacher_fingerprint` records (None for lossless, so lossless fingerprints stay as they were)."""
+        if self.mode == "lossless":
+            return None
+        return {
+            "mode": self.mode,
+            "drop_mass": self.drop_mass,
+            "logprob_step": self.logprob_step,
+            "min_keep": self.min_keep,
+        }
+
+
+PRECISIONS = ("lossless", "compact")
+COMPACT_DROP_MASS = 0.03  # dropped probability per position, at most (bench/cache.py: held-out KL +0.5%)
+COMPACT_LOGPROB_STEP = 1 / 16  # nats between the grid points of ranks 1..
+COMPACT_MIN_KEEP = 32  # ranks always kept (a sharp teacher's runners-up stay, whatever their mass)
 
 
 @dataclass
 class _Rows:
     """A sample at storage precision: tokens int32 [n]; ids int32, lp16 (float16 bits) uint16 [n-1, k];
-    tail16 uint16 [n-1]."""
+    tail16 uint16 [n-1]. `step`: None for lossless rows; for compact rows, the grid of ranks 1.. (each
+    row then holds a prefix of kept slots, the rest MISSING_ID and -inf)."""
 
     tokens: np.ndarray
     ids: np.ndarray
     lp16: np.ndarray
     tail16: np.ndarray
+    step: float | None = None
 
     def to_sample(self, key: str) -> CachedSample:
         k = self.ids.shape[1]
@@ -464,21 +733,134 @@ class _Rows:
         return CachedSample(key, self.tokens, topk)
 
 
+_NEG_INF16 = 0xFC00
+
+
 def _encode_rows(rows: _Rows, lut: np.ndarray | None, codec: int, level: int) -> bytes:
-    """One sample -> payload. `lut` maps id + 1 to its shard dictionary code; None stores id + 1."""
-    k = rows.ids.shape[1]
-    u = _order_key(rows.lp16)
-    first = u[:, 0]
-    # rank-major: the differences at one rank have similar sizes across positions
-    delta = (np.diff(u.astype(np.int32), axis=1).T & 0xFFFF).astype(np.uint32)
-    values = rows.ids.T.astype(np.int64) + 1
+    """One sample -> payload (version 2). `lut` maps id + 1 to its shard dictionary code; None stores id + 1.
+
+    Lossless layout: plane streams [tokens, tail, first] (the float16 order key of rank 0), then the
+    order-key differences between neighbouring ranks (rank-major, bucket coded in rank groups), then the
+    id codes (rank-major, bucket coded). Compact layout: the log2 of the grid step as an int8, plane
+    streams [tokens, tail, kept (slots per row), first (rows with kept > 0)], the differences of grid
+    indices (rank 1 against ceil(-first / step), which is never larger), and the codes of kept slots,
+    both rank-major over the kept slots only."""
+    n, k = rows.tokens.size, rows.ids.shape[1]
+    m = n - 1
+    flag = _ID_RAW if lut is None else _ID_DICT
+    if rows.step is None:
+        u = _order_key(rows.lp16)
+        delta = (np.diff(u.astype(np.int32), axis=1).T & 0xFFFF).astype(np.uint32).reshape(-1)
+        values = rows.ids.T.astype(np.int64).reshape(-1) + 1
+        planes = _pack_streams([rows.tokens.view(np.uint32), rows.tail16, u[:, 0]], codec, level)
+        bounds = _group_bounds(np.full(k - 1, m), _DELTA_GROUPS)
+        head = _SAMPLE_HEADER.pack(n, k, _LAYOUT_LOSSLESS << 1 | flag)
+    else:
+        step = rows.step
+        finite = rows.lp16 != _NEG_INF16
+        kept = finite.sum(1)
+        keep = np.arange(k)[None, :] < kept[:, None]
+        if not np.array_equal(keep, finite):
+            raise ValueError("compact rows must hold a prefix of kept slots")
+        v = rows.lp16.view(np.float16).astype(np.float64)
+        inner = keep[:, 1:]
+        with np.errstate(invalid="ignore"):  # -inf in empty slots, never selected
+            grid = np.rint(-v / step)
+            ref = np.ceil(-v[:, :1] / step)  # the grid point at or below rank 0
+            d = grid[:, 1:] - np.concatenate([ref, grid[:, 1:-1]], axis=1)
+        if not (-grid[:, 1:][inner] * step == v[:, 1:][inner]).all():
+            raise ValueError("compact rows must hold grid values beyond rank 0")
+        delta = d.T[inner.T]
+        if delta.size and delta.min() < 0:
+            raise ValueError("compact rows must be sorted by log-prob")
+        delta = delta.astype(np.uint32)
+        values = rows.ids.T[keep.T].astype(np.int64) + 1
+        first = _order_key(rows.lp16[:, 0])[kept > 0]
+        planes = _pack_streams(
+            [rows.tokens.view(np.uint32), rows.tail16, kept.astype(np.uint32), first], codec, level
+        )
+        bounds = _group_bounds(inner.sum(0), _DELTA_GROUPS)
+        head = _SAMPLE_HEADER.pack(n, k, _LAYOUT_COMPACT << 1 | flag) + struct.pack(
+            "<b", int(math.log2(step))
+        )
     codes = lut[values] if lut is not None else values
-    head = _SAMPLE_HEADER.pack(rows.tokens.size, k, _ID_RAW if lut is None else _ID_DICT)
-    body = _pack_streams([rows.tokens.view(np.uint32), rows.tail16, first, delta, codes], codec, level)
-    return head + body
+    deltas = _pack_buckets(delta, bounds, codec, level)
+    ids = _pack_buckets(codes, [0, codes.size], codec, level)
+    return head + _join_sections(planes, deltas, ids)
 
 
 def _decode_rows(payload: bytes, dictionary: np.ndarray | None) -> _Rows:
+    n, k, mode = _SAMPLE_HEADER.unpack_from(payload, 0)
+    layout, id_mode = mode >> 1, mode & 1
+    if n < 1 or k < 1:
+        raise ValueError(f"bad sample layout (n={n}, k={k})")
+    if layout == _LAYOUT_V1:
+        return _decode_rows_v1(payload, dictionary)
+    pos, step = _SAMPLE_HEADER.size, None
+    if layout == _LAYOUT_COMPACT:
+        (log2_step,) = struct.unpack_from("<b", payload, pos)
+        step, pos = 2.0**log2_step, pos + 1
+    elif layout != _LAYOUT_LOSSLESS:
+        raise ValueError(f"unknown sample layout {layout}")
+    planes, deltas, ids = _split_sections(payload, pos)
+    streams = _unpack_streams(planes, 0)
+    delta = _unpack_buckets(deltas)
+    codes = _unpack_buckets(ids)
+    m = n - 1
+    if step is None:
+        if len(streams) != 3:
+            raise ValueError(f"bad lossless sample layout ({len(streams)} plane streams)")
+        tokens, tail, first = streams
+        sizes = (tokens.size, tail.size, first.size, delta.size, codes.size)
+        if sizes != (n, m, m, m * (k - 1), m * k):
+            raise ValueError(f"stream sizes {sizes} do not fit n={n}, k={k}")
+        u = np.empty((k, m), dtype=np.uint32)
+        u[0] = first
+        if k > 1:
+            u[1:] = first[None, :] + np.cumsum(
+                delta.astype(np.uint32).reshape(k - 1, m), axis=0, dtype=np.uint32
+            )
+        lp16 = _order_key(np.ascontiguousarray((u & 0xFFFF).astype(np.uint16).T))
+        keep = None
+    else:
+        if len(streams) != 4:
+            raise ValueError(f"bad compact sample layout ({len(streams)} plane streams)")
+        tokens, tail, kept, first = streams
+        if tokens.size != n or tail.size != m or kept.size != m or (kept.size and int(kept.max()) > k):
+            raise ValueError(f"compact streams do not fit n={n}, k={k}")
+        keep = np.arange(k)[None, :] < kept[:, None].astype(np.int64)
+        inner = keep[:, 1:]
+        sizes = (first.size, delta.size, codes.size)
+        if sizes != (int((kept > 0).sum()), int(inner.sum()), int(keep.sum())):
+            raise ValueError(f"compact stream sizes {sizes} do not fit the kept slots")
+        lp16 = np.full((m, k), _NEG_INF16, dtype=np.uint16)
+        lp16[kept > 0, 0] = _order_key(first.astype(np.uint16))
+        if k > 1:
+            d = np.zeros((k - 1, m), dtype=np.int64)
+            d[inner.T] = delta.astype(np.int64)
+            ref = np.ceil(-lp16[:, 0].view(np.float16).astype(np.float64) / step)
+            grid = ref[None, :] + np.cumsum(d, axis=0)
+            with np.errstate(over="ignore", invalid="ignore"):
+                values16 = (-(grid * step)).astype(np.float16).view(np.uint16).T
+            lp16[:, 1:] = np.where(inner, values16, _NEG_INF16)
+    if id_mode == _ID_DICT:
+        if dictionary is None:
+            raise ValueError("sample uses a shard dictionary, but none was given")
+        if codes.size and int(codes.max()) >= dictionary.size:
+            raise ValueError(f"id code {int(codes.max())} outside the dictionary ({dictionary.size} entries)")
+        values = dictionary[codes.astype(np.int64)].astype(np.int64)
+    else:
+        values = codes.astype(np.int64)
+    if keep is None:
+        ids = np.ascontiguousarray((values - 1).astype(np.int32).reshape(k, m).T)
+    else:
+        ids_t = np.full((k, m), MISSING_ID, dtype=np.int32)
+        ids_t[keep.T] = (values - 1).astype(np.int32)
+        ids = np.ascontiguousarray(ids_t.T)
+    return _Rows(tokens.view(np.int32), ids, lp16, tail.astype(np.uint16), step)
+
+
+def _decode_rows_v1(payload: bytes, dictionary: np.ndarray | None) -> _Rows:
     n, k, id_mode = _SAMPLE_HEADER.unpack_from(payload, 0)
     streams = _unpack_streams(payload, _SAMPLE_HEADER.size)
     if len(streams) != 5 or n < 1 or k < 1:
@@ -507,6 +889,22 @@ def _decode_rows(payload: bytes, dictionary: np.ndarray | None) -> _Rows:
     return _Rows(tokens.view(np.int32), ids, _order_key(u), tail.astype(np.uint16))
 
 
+def _encode_rows_v1(rows: _Rows, lut: np.ndarray | None, codec: int, level: int) -> bytes:
+    """The version-1 encoder (byte planes), lossless rows only: kept for compatibility tests and for the
+    benchmark's baseline (`_writing_version_1`); the writer uses `_encode_rows`."""
+    if rows.step is not None:
+        raise ValueError("version 1 stores lossless rows only")
+    k = rows.ids.shape[1]
+    u = _order_key(rows.lp16)
+    first = u[:, 0]
+    delta = (np.diff(u.astype(np.int32), axis=1).T & 0xFFFF).astype(np.uint32)
+    values = rows.ids.T.astype(np.int64) + 1
+    codes = lut[values] if lut is not None else values
+    head = _SAMPLE_HEADER.pack(rows.tokens.size, k, _ID_RAW if lut is None else _ID_DICT)
+    body = _pack_streams([rows.tokens.view(np.uint32), rows.tail16, first, delta, codes], codec, level)
+    return head + body
+
+
 def _as_tokens(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     arr = np.asarray(tokens)
     if arr.ndim != 1 or arr.size == 0:
@@ -520,7 +918,7 @@ def _as_tokens(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _rows_from_topk(tokens: np.ndarray, topk: TopK, k: int) -> _Rows:
+def _rows_from_topk(tokens: np.ndarray, topk: TopK, k: int, precision: Precision) -> _Rows:
     """Validate a teacher output and bring it to storage precision (drops the empty row 0)."""
     n = tokens.size
     if int(tokens.min()) < 0:
@@ -546,10 +944,41 @@ def _rows_from_topk(tokens: np.ndarray, topk: TopK, k: int) -> _Rows:
         )
     if np.isnan(lp).any() or np.isnan(tail).any():
         raise ValueError("the teacher returned NaN log-probabilities; refusing to cache them")
+    if precision.mode == "compact":
+        return _compact_rows(tokens, np.ascontiguousarray(ids, dtype=np.int32), lp, tail, precision)
     with np.errstate(over="ignore"):  # below -65504 is -inf in float16, as documented
         lp16 = lp.astype(np.float16).view(np.uint16)
         tail16 = tail.astype(np.float16).view(np.uint16)
     return _Rows(tokens, np.ascontiguousarray(ids, dtype=np.int32), lp16, tail16)
+
+
+def _compact_rows(
+    tokens: np.ndarray, ids: np.ndarray, lp: np.ndarray, tail: np.ndarray, p: Precision
+) -> _Rows:
+    """The compact (lossy) storage precision; see `Precision` for what it keeps and the error bounds."""
+    step = p.logprob_step
+    lp64 = np.minimum(lp.astype(np.float64), 0.0)  # a log-probability is never positive
+    order = np.argsort(-lp64, axis=1, kind="stable")  # descending, -inf last, ties in their order
+    lp64 = np.take_along_axis(lp64, order, axis=1)
+    ids = np.take_along_axis(ids, order, axis=1)
+    prob = np.exp(lp64)
+    suffix = np.cumsum(prob[:, ::-1], axis=1)[:, ::-1]  # mass of ranks j.. of each row
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        first16 = lp64[:, :1].astype(np.float16)  # below -65504: -inf, as in lossless
+        first_ranks = np.arange(lp64.shape[1])[None, :] < p.min_keep
+        keep = ((suffix > p.drop_mass) | first_ranks) & (lp64 >= -1024 * step)  # prefixes: so is keep
+        keep[:, 0] = np.isfinite(first16[:, 0])  # rank 0 always, so a row keeps its prediction
+        dropped = np.where(keep, 0.0, prob).sum(axis=1)
+        tail64 = np.minimum(np.log(np.exp(tail.astype(np.float64)) + dropped), 0.0)
+        grid = -(np.rint(-lp64[:, 1:] / step) * step)  # exact in float16: |grid| <= 1024 * step
+        if grid.shape[1]:  # rank 0 >= rank 1 (both exact float16 values, so the max is one too)
+            raise_to = np.where(keep[:, 1], grid[:, 0], -np.inf)
+            first16 = np.maximum(first16.astype(np.float64), raise_to[:, None]).astype(np.float16)
+        lp16 = np.concatenate([first16, grid.astype(np.float16)], axis=1).view(np.uint16)
+        tail16 = tail64.astype(np.float16).view(np.uint16)
+    lp16 = np.where(keep, lp16, np.uint16(_NEG_INF16)).astype(np.uint16)
+    ids = np.where(keep, ids, MISSING_ID).astype(np.int32)
+    return _Rows(tokens, np.ascontiguousarray(ids), np.ascontiguousarray(lp16), tail16, step)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -593,9 +1022,9 @@ class _Shard:
             magic, version, header_len, header_crc = _SHARD_PREFIX.unpack(prefix)
             if magic != SHARD_MAGIC:
                 raise self._corrupt(f"not a logit-cache shard (magic {magic!r}, expected {SHARD_MAGIC!r})")
-            if version != FORMAT_VERSION:
+            if version not in READ_VERSIONS:
                 raise CacheError(
-                    f"{path}: shard format version {version}, this code reads version {FORMAT_VERSION}: use the "
+                    f"{path}: shard format version {version}, this code reads versions {READ_VERSIONS}: use the "
                     "matching quasar-sn24 version, or delete the cache directory to rebuild it"
                 )
             raw = f.read(header_len)
@@ -665,9 +1094,9 @@ def _scan_journal(fd: int, path: Path) -> _JournalScan:
     magic, version, shard_index = _JOURNAL_HEADER.unpack(head)
     if magic != JOURNAL_MAGIC:
         raise CacheCorruptError(f"{path}: not a logit-cache journal (magic {magic!r}); {_REBUILD}")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise CacheError(
-            f"{path}: journal format version {version}, this code reads version {FORMAT_VERSION}: use the "
+            f"{path}: journal format version {version}, this code reads versions {READ_VERSIONS}: use the "
             "matching quasar-sn24 version, or delete the journal to drop its unsharded samples"
         )
     entries: list[_Entry] = []
@@ -734,8 +1163,31 @@ def _plane_entropy(values: np.ndarray, weights: np.ndarray) -> float:
     return cost
 
 
+def _bucket_entropy(values: np.ndarray, weights: np.ndarray) -> float:
+    """Estimated bytes of bucket-coding `values` occurring `weights` times each (symbols at their order-0
+    entropy, extra bits verbatim)."""
+    symbols, widths, _ = _to_buckets(values, _MANTISSA_BITS)
+    hist = np.bincount(symbols, weights=weights, minlength=256)
+    return _entropy_bytes(hist) + float((widths * weights).sum()) / 8
+
+
 def _choose_dictionary(counts: np.ndarray) -> np.ndarray | None:
-    """Frequency-ranked dictionary of id + 1 values, or None when raw ids would be smaller."""
+    """Frequency-ranked dictionary of id + 1 values, or None when raw ids would be smaller (bucket-coded
+    codes against bucket-coded ids, plus the dictionary's own size)."""
+    present = np.flatnonzero(counts)
+    if present.size == 0:
+        return None
+    weights = counts[present].astype(np.float64)
+    order = np.argsort(-weights, kind="stable")  # ties: smaller id first, so the result is deterministic
+    dictionary = present[order].astype(np.uint32)
+    raw_cost = _bucket_entropy(present, weights)
+    dict_cost = _bucket_entropy(np.arange(present.size), weights[order])
+    dict_cost += len(_pack_streams([dictionary], _CODECS["zlib"], 6))  # the dictionary itself
+    return dictionary if dict_cost < raw_cost else None
+
+
+def _choose_dictionary_v1(counts: np.ndarray) -> np.ndarray | None:
+    """Version 1's choice (byte-plane cost model), for `_writing_version_1`."""
     present = np.flatnonzero(counts)
     if present.size == 0:
         return None
@@ -747,6 +1199,127 @@ def _choose_dictionary(counts: np.ndarray) -> np.ndarray | None:
     return present[order].astype(np.uint32) if dict_cost < raw_cost else None
 
 
+@contextlib.contextmanager
+def _writing_version_1() -> Iterator[None]:
+    """Within this block the module writes the version-1 format (byte planes, lossless only), as the code
+    before version 2 did: for compatibility tests and the benchmark's baseline. Not thread-safe."""
+    saved = _encode_rows, _choose_dictionary, FORMAT_VERSION
+    globals().update(_encode_rows=_encode_rows_v1, _choose_dictionary=_choose_dictionary_v1, FORMAT_VERSION=1)
+    try:
+        yield
+    finally:
+        globals().update(zip(("_encode_rows", "_choose_dictionary", "FORMAT_VERSION"), saved, strict=True))
+
+
+class _JournalSync:
+    """The journal's descriptor and fsync bookkeeping, shared by a writer and its group-commit thread.
+
+    `written` counts records appended, `synced` those an fsync has covered (records rolled into a shard
+    or rewritten into a fresh journal count as covered: both are written with fsync). With `start()`, a
+    daemon thread fsyncs whenever `written` is ahead: one fsync covers every record written before it
+    began, however many. The thread holds no reference to the writer, so a dropped writer is still
+    collected (its `__del__` stops the thread)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # guards `fd` against a close or swap during the thread's dup
+        self.fd = -1
+        self.written = self.synced = self.fsyncs = 0
+        self.error: OSError | None = None
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    def set_fd(self, fd: int) -> None:
+        """Make `fd` the journal (closing the previous one) so that the thread never syncs a stale number."""
+        with self.lock:
+            old, self.fd = self.fd, fd
+            if old >= 0 and old != fd:
+                os.close(old)
+
+    def note_written(self, fsynced: bool = False) -> None:
+        """One more record is in the journal; `fsynced`: the caller has just fsynced it (and all before)."""
+        with self._cond:
+            self.written += 1
+            if fsynced:
+                self.fsyncs += 1
+                self.synced = self.written
+            if self._thread is not None:
+                self._cond.notify_all()
+
+    def covered(self) -> None:
+        """Everything written so far is durable by other means (a fresh fsynced journal or shard)."""
+        with self._cond:
+            self.synced = self.written
+            self._cond.notify_all()
+
+    def fsync_now(self) -> None:
+        """fsync in the caller's thread (the mode without a group-commit thread)."""
+        target = self.written
+        os.fsync(self.fd)
+        with self._cond:
+            self.fsyncs += 1
+            self.synced = max(self.synced, target)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="cache-group-commit", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self.synced >= self.written and not self._closing:
+                    self._cond.wait()
+                if self.synced >= self.written:  # closing, nothing left to cover
+                    return
+                target = self.written
+            try:
+                with self.lock:
+                    fd = os.dup(self.fd) if self.fd >= 0 else -1
+                if fd >= 0:
+                    try:
+                        os.fsync(fd)  # covers every record written to this file before `target` was read
+                    finally:
+                        os.close(fd)
+            except OSError as e:  # the kernel may have dropped the dirty pages: durability is unknown
+                with self._cond:
+                    self.error = e
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self.fsyncs += 1
+                self.synced = max(self.synced, target)
+                self._cond.notify_all()
+
+    def wait(self) -> None:
+        """Block until every record written so far is covered (or the thread failed)."""
+        with self._cond:
+            target = self.written
+            while self.synced < target and self.error is None and self._thread is not None:
+                if not self._thread.is_alive():
+                    break
+                self._cond.wait()
+        self.check()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise CacheError(
+                f"fsync of the cache journal failed ({self.error}); samples written since the last good "
+                "fsync may not be on disk: stop, check the disk, and re-run (the journal is verified on resume)"
+            ) from self.error
+
+    def stop(self) -> None:
+        """Cover what is written (a last fsync) and end the thread."""
+        thread = self._thread
+        if thread is None:
+            return
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if thread is not threading.current_thread():
+            thread.join()
+        self._thread = None
+
+
 class CacheWriter:
     """Appends samples to one cache directory; one writer per directory at a time (flock on writer.lock).
 
@@ -755,6 +1328,9 @@ class CacheWriter:
     codec, level: compression of shards ("zlib" 0-9, default 6; "lzma" 0-9). The journal uses zlib 1.
     sync_every: fsync the journal every this many adds (1: each add; 0: never). A killed process loses
         nothing either way (written records are in the page cache); fsync covers power loss and OS crashes.
+    group_commit: instead of `sync_every`, fsync in a background thread: one fsync covers every record
+        written since the last, so `add` never waits for the disk (see the module docstring for what
+        survives what). `sync()` waits until every added sample is durable; `close` does too.
     """
 
     def __init__(
@@ -766,7 +1342,9 @@ class CacheWriter:
         codec: str = "zlib",
         level: int | None = None,
         sync_every: int = 1,
+        group_commit: bool = False,
     ) -> None:
+        self._sync = _JournalSync()
         if codec not in _CODECS:
             raise ValueError(f"codec must be one of {sorted(_CODECS)}, got {codec!r}")
         level = 6 if level is None else level
@@ -783,11 +1361,14 @@ class CacheWriter:
         self._dir = cache.path
         self._lock_fd = self._acquire_lock()
         self._journal_fd = -1
+        self._group_commit = bool(group_commit)
         try:
             self._recover()
         except BaseException:
             self._release()
             raise
+        if self._group_commit:
+            self._sync.start()
 
     # -- lifecycle
 
@@ -808,10 +1389,14 @@ class CacheWriter:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
+    def _set_journal_fd(self, fd: int) -> None:
+        self._sync.set_fd(fd)  # closes the previous descriptor under the lock the commit thread takes
+        self._journal_fd = fd
+
     def _release(self) -> None:
+        self._sync.stop()  # the group-commit thread's last fsync covers every record written
         if self._journal_fd >= 0:
-            os.close(self._journal_fd)
-            self._journal_fd = -1
+            self._set_journal_fd(-1)
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = -1
@@ -852,7 +1437,7 @@ class CacheWriter:
             log.info("%s: its samples are already in shard %d; discarding it", path, scan.shard_index)
         if scan.problem is None and scan.shard_index == self._next_index and len(kept) == len(scan.entries):
             self._entries = [e for e, _ in kept]
-            self._journal_fd = os.open(path, os.O_RDWR | os.O_APPEND)
+            self._set_journal_fd(os.open(path, os.O_RDWR | os.O_APPEND))
             self._journal_size = scan.valid_end
         else:  # rewrite: drop the torn tail and samples already in shards, fix the index
             self._new_journal(kept)
@@ -869,12 +1454,13 @@ class CacheWriter:
             chunks.append(payload)
             pos += _RECORD_HEADER.size + e.length
         if self._journal_fd >= 0:
-            os.close(self._journal_fd)
-            self._journal_fd = -1
+            self._set_journal_fd(-1)
         path = atomic_write(self._dir / JOURNAL_NAME, chunks, tmp_prefix=_TMP_PREFIX)
-        self._journal_fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        self._set_journal_fd(os.open(path, os.O_RDWR | os.O_APPEND))
         self._journal_size = pos
         self._entries = entries
+        self._unsynced = 0
+        self._sync.covered()  # atomic_write fsynced the new journal; older records are in shards
 
     def close(self, flush: bool = True) -> None:
         """Release the directory; with flush (the default), journaled samples first become a shard."""
@@ -884,9 +1470,10 @@ class CacheWriter:
             if flush:
                 self.flush()
             elif self._unsynced:
-                os.fsync(self._journal_fd)
+                self._sync.fsync_now()
         finally:
             self._release()
+        self._sync.check()  # a failed group fsync is an error even when the samples made it to a shard
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -911,29 +1498,33 @@ class CacheWriter:
         return len(self._entries)
 
     def add(self, tokens: Sequence[int] | np.ndarray, topk: TopK) -> bool:
-        """Store one sample durably (journal record, fsynced per `sync_every`); False, and nothing written,
-        if its key is already cached."""
+        """Store one sample durably (journal record, fsynced per `sync_every` or by the group commit);
+        False, and nothing written, if its key is already cached."""
         if self._lock_fd < 0:
             raise CacheError("this CacheWriter is closed; open a new one with cache.writer()")
+        self._sync.check()  # a failed group fsync stops the writer: what it covered is unknown
         tokens = _as_tokens(tokens)
         key = sample_key(tokens)
         if key in self._keys:
             return False
-        rows = _rows_from_topk(tokens, topk, self.cache.k)
+        rows = _rows_from_topk(tokens, topk, self.cache.k, self.cache.precision)
         payload = _encode_rows(rows, None, _CODECS["zlib"], 1)
         crc = _record_crc(len(payload), tokens.size, bytes.fromhex(key), payload)
         record = (
             _RECORD_HEADER.pack(RECORD_MAGIC, len(payload), tokens.size, bytes.fromhex(key), crc) + payload
         )
         start = self._journal_size
+        fsynced = False
         try:
             view = memoryview(record)
             while view:
                 view = view[os.write(self._journal_fd, view) :]
-            self._unsynced += 1
-            if self._sync_every and self._unsynced >= self._sync_every:
-                os.fsync(self._journal_fd)
-                self._unsynced = 0
+            if not self._group_commit:  # with group commit, the thread fsyncs (note_written wakes it)
+                self._unsynced += 1
+                if self._sync_every and self._unsynced >= self._sync_every:
+                    os.fsync(self._journal_fd)
+                    self._unsynced = 0
+                    fsynced = True
         except BaseException:
             # cut the partial record off, so later appends do not land behind garbage
             with contextlib.suppress(OSError):
@@ -942,9 +1533,30 @@ class CacheWriter:
         self._journal_size = start + len(record)
         self._entries.append(_Entry(key, tokens.size, start + _RECORD_HEADER.size, len(payload), crc))
         self._keys.add(key)
+        self._sync.note_written(fsynced)
         if len(self._entries) >= self.shard_samples or self._journal_size >= self.shard_bytes:
             self.flush()
         return True
+
+    def sync(self) -> None:
+        """Make every sample added so far durable (fsynced) before returning."""
+        if self._lock_fd < 0:
+            raise CacheError("this CacheWriter is closed; open a new one with cache.writer()")
+        if self._group_commit:
+            self._sync.wait()
+        elif self._unsynced:
+            self._sync.fsync_now()
+            self._unsynced = 0
+
+    @property
+    def durable_samples(self) -> int:
+        """Samples added by this writer that an fsync has covered (all of them once `sync()` returns)."""
+        return self._sync.synced
+
+    @property
+    def fsyncs(self) -> int:
+        """Journal fsyncs this writer made for its adds (with group commit, one covers many adds)."""
+        return self._sync.fsyncs
 
     def flush(self) -> Path | None:
         """Turn the journal into an atomic shard now (even a small one); returns its path, None if empty."""

@@ -64,11 +64,18 @@ def make_teacher(cfg: CacheConfig | TrainConfig, student_tokenizer) -> Teacher:
     return teacher
 
 
-def open_cache(cache_dir: str, teacher: Teacher, k: int, student_tokenizer_dir: str | None):
+def open_cache(
+    cache_dir: str,
+    teacher: Teacher,
+    k: int,
+    student_tokenizer_dir: str | None,
+    precision: str = "lossless",
+):
+    """The teacher's cache directory under `cache_dir`; `precision` (lossless, compact) picks its own."""
     from distill.cache import LogitCache
 
     settings = {"student_tokenizer": _tokenizer_fingerprint(student_tokenizer_dir)}
-    return LogitCache.for_teacher(cache_dir, teacher.name, k, settings)
+    return LogitCache.for_teacher(cache_dir, teacher.name, k, settings, precision)
 
 
 def _tokenizer_fingerprint(path: str | None) -> str | None:
@@ -94,47 +101,35 @@ def _text_samples(data: DataConfig, sources: list[str], tokenizer):
 # ------------------------------------------------------------------------------------------------
 
 
-def run_cache(cfg: CacheConfig) -> dict:
+def run_cache(cfg: CacheConfig, teacher: Teacher | None = None) -> dict:
     """Score every sample of the data with the teacher into the cache, skipping samples already
-    there (so an interrupted run picks up where it stopped)."""
-    from distill.cache import sample_key
+    there (so an interrupted run picks up where it stopped). Requests run `pipeline_depth` batches
+    ahead of the cache writer (`distill.cache_pipeline`); the content is the same for any depth.
+    `teacher`: use this one instead of building `cfg.teacher` (benchmarks); it is closed at the end."""
+    from distill.cache_pipeline import fill_cache
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    teacher = make_teacher(cfg, tokenizer)
-    cache = open_cache(cfg.cache_dir, teacher, cfg.k, cfg.data.tokenizer)
+    if teacher is None:
+        teacher = make_teacher(cfg, tokenizer)
+    cache = open_cache(cfg.cache_dir, teacher, cfg.k, cfg.data.tokenizer, cfg.cache_precision)
     progress = None
     if cfg.progress:
         from tqdm import tqdm
 
         progress = tqdm(desc="cache", unit="tok", unit_scale=True, dynamic_ncols=True, total=None)
-    added = skipped = tokens = 0
     try:
-        with cache.writer() as writer:
-            pending = []
-
-            def drain():
-                nonlocal added, tokens
-                results = teacher.topk([p.tolist() for p in pending], cfg.k)
-                for sample, topk in zip(pending, results, strict=True):
-                    if writer.add(sample, topk):
-                        added += 1
-                        tokens += len(sample)
-                if progress is not None:
-                    progress.update(sum(len(p) for p in pending))
-                    progress.set_postfix(samples=added, skipped=skipped)
-                pending.clear()
-
-            for count, sample in enumerate(_text_samples(cfg.data, cfg.data.sources, tokenizer)):
-                if cfg.max_samples is not None and count >= cfg.max_samples:
-                    break
-                if writer.contains(sample_key(sample)):
-                    skipped += 1
-                    continue
-                pending.append(sample)
-                if len(pending) >= cfg.teacher_batch:
-                    drain()
-            if pending:
-                drain()
+        with cache.writer(shard_samples=cfg.shard_samples, group_commit=cfg.fsync == "group") as writer:
+            filled = fill_cache(
+                writer,
+                teacher,
+                _text_samples(cfg.data, cfg.data.sources, tokenizer),
+                k=cfg.k,
+                batch=cfg.teacher_batch,
+                depth=cfg.pipeline_depth,
+                max_samples=cfg.max_samples,
+                progress=progress,
+            )
+        fsyncs = writer.fsyncs  # after close: its last group commit counts too
     finally:
         teacher.close()
         if progress is not None:
@@ -142,9 +137,11 @@ def run_cache(cfg: CacheConfig) -> dict:
     stats = cache.stats()
     summary = {
         "cache": str(cache.path),
-        "added_samples": added,
-        "skipped_samples": skipped,
-        "added_tokens": tokens,
+        "added_samples": filled.added_samples,
+        "skipped_samples": filled.skipped_samples,
+        "added_tokens": filled.added_tokens,
+        "teacher_batches": filled.batches,
+        "journal_fsyncs": fsyncs,
         "samples": stats.samples,
         "tokens": stats.tokens,
         "bytes": stats.bytes,
@@ -184,7 +181,7 @@ def open_streams(cfg: TrainConfig, tokenizer) -> tuple[SampleStream, SampleStrea
 
     writer = None
     if cfg.cache_dir is not None:  # live teacher writing through to the cache
-        writer = open_cache(cfg.cache_dir, teacher, cfg.k, cfg.data.tokenizer).writer()
+        writer = open_cache(cfg.cache_dir, teacher, cfg.k, cfg.data.tokenizer, cfg.cache_precision).writer()
         closers.append(writer)
 
     def remember(tokens, topk):

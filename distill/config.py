@@ -16,6 +16,15 @@ from distill.teachers import TeacherConfig
 
 Strict = ConfigDict(extra="forbid", frozen=True)
 
+# The precisions of distill.cache.Precision (named here so that --help does not import numpy).
+CachePrecision = Literal["lossless", "compact"]
+CACHE_PRECISION_HELP = (
+    "how the logit cache stores log-probs: lossless (ids exact, log-probs at float16) or compact (lossy, "
+    "a third fewer bytes or more: per position the lowest ranks holding at most 3 percent of the "
+    "probability are folded into the tail, the top 32 always kept; log-probs to the nearest 1/16 nat, "
+    "error <= 1/32). Each precision is its own cache directory"
+)
+
 
 class DataConfig(BaseModel):
     model_config = Strict
@@ -44,6 +53,12 @@ class DataConfig(BaseModel):
     )
     eval_samples: int = Field(
         32, ge=0, description="held-out samples scored at each evaluation (0: no evaluation)"
+    )
+    prefetch: int = Field(
+        2,
+        ge=0,
+        description="optimizer steps of batches built ahead in a background thread (cache decoding, live "
+        "teacher, targets); 0: in the step's own thread. The order is the same either way",
     )
 
     @model_validator(mode="after")
@@ -115,6 +130,11 @@ class TrainConfig(BaseModel):
         description="train from this logit cache (python -m distill cache); with a teacher too, new samples are added to it",
     )
     k: int = Field(128, ge=1, le=4096, description="teacher top-k per position (live teacher)")
+    cache_precision: CachePrecision = Field(
+        "lossless",
+        description="precision of the samples a live teacher adds to --cache_dir (see distill cache "
+        "--help); a cache read for training carries its own",
+    )
     teacher: TeacherConfig | None = Field(None, description="live teacher (when not training from a cache)")
     teacher_tokenizer: str | None = Field(
         None,
@@ -164,11 +184,26 @@ class CacheConfig(BaseModel):
         description="the teacher's tokenizer (a directory or a builtin name: qwen3.5, qwen3), when it differs from the student's (byte-offset alignment)",
     )
     k: int = Field(128, ge=1, le=4096, description="top-k log-probs stored per position")
+    cache_precision: CachePrecision = Field("lossless", description=CACHE_PRECISION_HELP)
     data: DataConfig = Field(default_factory=DataConfig)
     max_samples: int | None = Field(
         None, ge=1, description="stop after this many samples (default: all text)"
     )
     teacher_batch: int = Field(16, ge=1, description="samples per teacher call")
+    pipeline_depth: int = Field(
+        3,
+        ge=1,
+        description="teacher batches in flight: requested ahead while earlier ones are written to the cache "
+        "(1: request, then write, one batch at a time). The cache content is the same for any depth",
+    )
+    fsync: Literal["group", "each"] = Field(
+        "group",
+        description="journal fsync: 'group' (a background thread; one fsync covers every record written "
+        "since the last, nothing waits for it) or 'each' (every record before the next)",
+    )
+    shard_samples: int = Field(
+        4096, ge=1, description="samples per cache shard (the journal is sealed into a shard at this size)"
+    )
     progress: bool = Field(True, description="show a progress bar")
 
     @model_validator(mode="after")

@@ -5,13 +5,22 @@ with a way to get teacher targets for any of them: from the logit cache (`CacheS
 live teacher (`TextStream`, optionally writing what it fetches into the cache). `step_batches`
 turns a stream into per-rank micro-batches, one optimizer step at a time, and reports the stream
 position after each step: that index is the whole data state a resumed run needs.
+
+`Prefetcher` runs such an iterator ahead of the training step in a background thread (cache
+decoding, live-teacher requests and alignment, `KDTargets` building) with a bounded queue. One
+producer and a FIFO queue keep the order exactly the iterator's, so training with prefetch is
+bit-identical to training without it, and resume stays exact (the position travels with each step).
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -131,6 +140,77 @@ def step_batches(
         groups = [list(islice(window_iter, batch_size)) for _ in range(per_step)]
         batches = [build_batch(stream, windows, seq_len, pad_id) for windows in groups[rank::world]]
         yield StepData(batches, groups[-1][-1][-1][0] + 1)
+
+
+T = TypeVar("T")
+_DONE = object()
+
+
+class Prefetcher(Generic[T]):
+    """`next(p)` returns the items of `source` in order, produced up to `depth` ahead in a daemon
+    thread; `p.waited` is how long the last `next` blocked. An exception in the producer is raised
+    in the consumer at the item where it happened. Use as a context manager (or call `close`): the
+    producer stops and is joined, so nothing it uses (a teacher, a cache writer) is touched after.
+    With depth 0 it is a plain iterator in the caller's thread."""
+
+    def __init__(self, source: Iterator[T], depth: int, name: str = "prefetch"):
+        if depth < 0:
+            raise ValueError(f"prefetch depth must be >= 0, got {depth}")
+        self.source, self.depth, self.waited = source, depth, 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if depth:
+            self._queue: queue.Queue = queue.Queue(maxsize=depth)
+            self._thread = threading.Thread(target=self._produce, name=name, daemon=True)
+            self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for item in self.source:
+                if not self._put((item, None)):
+                    return
+        except BaseException as e:  # handed to the consumer, raised where the item was due
+            self._put((None, e))
+            return
+        self._put((_DONE, None))
+
+    def __iter__(self) -> Prefetcher[T]:
+        return self
+
+    def __next__(self) -> T:
+        start = time.perf_counter()
+        if self._thread is None:
+            item = next(self.source)
+            self.waited = time.perf_counter() - start
+            return item
+        item, error = self._queue.get()
+        self.waited = time.perf_counter() - start
+        if error is not None:
+            raise error
+        if item is _DONE:
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> Prefetcher[T]:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def build_batch(

@@ -37,7 +37,7 @@ from distill.cliconfig import ConfigError
 from distill.config import TrainConfig
 from distill.data import pack_windows
 from distill.losses import LossConfig, distillation_loss, per_position_kl
-from distill.sources import SampleStream, StepData, build_batch, step_batches, take_samples
+from distill.sources import Prefetcher, SampleStream, StepData, build_batch, step_batches, take_samples
 from distill.types import KDTargets
 from quasar import QuasarConfig, QuasarForCausalLM
 from quasar.checkpoint import load_checkpoint, save_checkpoint
@@ -443,77 +443,88 @@ def train(
         last_eval = evaluate_kl(step_module, student, eval_batches, device, autocast)
         metrics.write({"step": 0, "eval_kl": last_eval})
 
-    data = step_batches(
-        stream,
-        seq_len=cfg.data.seq_len,
-        batch_size=cfg.data.batch_size,
-        grad_accum=cfg.optim.grad_accum,
-        start=position,
-        rank=d.rank,
-        world=d.world,
-        pad_id=pad_id,
+    # batches are built ahead of the step (cache decoding, live teacher, KDTargets) in the same order
+    data = Prefetcher(
+        step_batches(
+            stream,
+            seq_len=cfg.data.seq_len,
+            batch_size=cfg.data.batch_size,
+            grad_accum=cfg.optim.grad_accum,
+            start=position,
+            rank=d.rank,
+            world=d.world,
+            pad_id=pad_id,
+        ),
+        cfg.data.prefetch,
+        name="distill-prefetch",
     )
     final_checkpoint = None
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        step_data: StepData = next(data)
-        totals = torch.zeros(4, dtype=torch.float64)  # loss*n, kd*n, ce*n, n (target positions)
-        for i, batch in enumerate(step_data.batches):
-            batch = batch.to(device)
-            sync = i == len(step_data.batches) - 1
-            no_sync = (
-                step_module.no_sync()
-                if (isinstance(step_module, nn.parallel.DistributedDataParallel) and not sync)
-                else contextlib.nullcontext()
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            step_data: StepData = next(data)
+            waited = data.waited
+            totals = torch.zeros(4, dtype=torch.float64)  # loss*n, kd*n, ce*n, n (target positions)
+            for i, batch in enumerate(step_data.batches):
+                batch = batch.to(device)
+                sync = i == len(step_data.batches) - 1
+                no_sync = (
+                    step_module.no_sync()
+                    if (isinstance(step_module, nn.parallel.DistributedDataParallel) and not sync)
+                    else contextlib.nullcontext()
+                )
+                with no_sync:
+                    with autocast():
+                        out = step_module(batch.input_ids, batch.cu_seqlens, batch.targets)
+                    (out.loss / len(step_data.batches)).backward()
+                n = float(out.positions)
+                totals += torch.tensor(
+                    [out.loss.item() * n, out.kd.item() * n, out.ce.item() * n, n], dtype=torch.float64
+                )
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
+                if cfg.optim.grad_clip > 0
+                else torch.tensor(float("nan"))
             )
-            with no_sync:
-                with autocast():
-                    out = step_module(batch.input_ids, batch.cu_seqlens, batch.targets)
-                (out.loss / len(step_data.batches)).backward()
-            n = float(out.positions)
-            totals += torch.tensor(
-                [out.loss.item() * n, out.kd.item() * n, out.ce.item() * n, n], dtype=torch.float64
-            )
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
-            if cfg.optim.grad_clip > 0
-            else torch.tensor(float("nan"))
-        )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        counts = student.pop_router_token_counts()
-        if counts is not None:
-            counts = _all_reduce_sum(counts.to(torch.float32), d)
-            student.update_router_bias(counts)
-        step += 1
-        position = step_data.position
-        totals = _all_reduce_sum(totals.to(device), d).cpu()
-        elapsed = time.perf_counter() - t0
-        n = max(float(totals[3]), 1.0)
-        record = {
-            "step": step,
-            "loss": float(totals[0]) / n,
-            "kd": float(totals[1]) / n,
-            "ce": float(totals[2]) / n,
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
-            "target_tokens": int(totals[3]),
-            "tokens_per_s": float(totals[3]) / elapsed,
-            "position": position,
-        }
-        if (step % cfg.eval_every == 0 or step == cfg.steps) and eval_batches:
-            last_eval = evaluate_kl(step_module, student, eval_batches, device, autocast)
-            record["eval_kl"] = last_eval
-        if step % cfg.log_every == 0 or "eval_kl" in record or step == cfg.steps:
-            metrics.write(record)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            final_checkpoint = _checkpoint(
-                cfg, out_dir, step, position, student, optimizer, scheduler, d, use_fsdp
-            )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            counts = student.pop_router_token_counts()
+            if counts is not None:
+                counts = _all_reduce_sum(counts.to(torch.float32), d)
+                student.update_router_bias(counts)
+            step += 1
+            position = step_data.position
+            totals = _all_reduce_sum(totals.to(device), d).cpu()
+            elapsed = time.perf_counter() - t0
+            n = max(float(totals[3]), 1.0)
+            record = {
+                "step": step,
+                "loss": float(totals[0]) / n,
+                "kd": float(totals[1]) / n,
+                "ce": float(totals[2]) / n,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "target_tokens": int(totals[3]),
+                "tokens_per_s": float(totals[3]) / elapsed,
+                "data_wait_s": waited,  # time this step waited for its batch
+                "data_wait_fraction": waited / elapsed if elapsed > 0 else 0.0,
+                "position": position,
+            }
+            if (step % cfg.eval_every == 0 or step == cfg.steps) and eval_batches:
+                last_eval = evaluate_kl(step_module, student, eval_batches, device, autocast)
+                record["eval_kl"] = last_eval
+            if step % cfg.log_every == 0 or "eval_kl" in record or step == cfg.steps:
+                metrics.write(record)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                final_checkpoint = _checkpoint(
+                    cfg, out_dir, step, position, student, optimizer, scheduler, d, use_fsdp
+                )
+    finally:
+        data.close()  # the producer stops before the stream's teacher and cache writer close
     if progress is not None:
         progress.close()
     metrics.close()

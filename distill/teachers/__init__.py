@@ -9,16 +9,30 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import importlib
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from distill.teachers.base import TeacherError, select_topk, topk_from_rows
-from distill.teachers.hf import HFTeacher
-from distill.teachers.local_server import LocalVllmServer, ensure_vllm_venv
-from distill.teachers.vllm_engine import VllmEngineTeacher
-from distill.teachers.vllm_server import VllmServerTeacher, parse_completion_response
-from distill.types import Teacher
+from distill.teachers.errors import TeacherError
+
+if TYPE_CHECKING:
+    from distill.teachers.hf import HFTeacher
+    from distill.teachers.local_server import LocalVllmServer, ensure_vllm_venv
+    from distill.teachers.vllm_engine import VllmEngineTeacher
+    from distill.teachers.vllm_server import VllmServerTeacher, parse_completion_response
+    from distill.types import Teacher
+
+# The backends load on first use: importing a submodule (a parse worker process imports only
+# distill.teachers.vllm_parse) then costs neither torch nor transformers.
+_LAZY = {
+    "HFTeacher": "distill.teachers.hf",
+    "LocalVllmServer": "distill.teachers.local_server",
+    "ensure_vllm_venv": "distill.teachers.local_server",
+    "VllmEngineTeacher": "distill.teachers.vllm_engine",
+    "VllmServerTeacher": "distill.teachers.vllm_server",
+    "parse_completion_response": "distill.teachers.vllm_server",
+}
 
 __all__ = [
     "HFTeacher",
@@ -30,9 +44,19 @@ __all__ = [
     "build_teacher",
     "ensure_vllm_venv",
     "parse_completion_response",
-    "select_topk",
-    "topk_from_rows",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 class TeacherConfig(BaseModel):
@@ -63,7 +87,18 @@ class TeacherConfig(BaseModel):
     api_key: str | None = Field(
         None, description="vllm-server: API key, if the server was started with --api-key"
     )
-    max_concurrency: int = Field(8, ge=1, description="vllm-server: requests in flight at once")
+    max_in_flight: int = Field(
+        4,
+        ge=1,
+        description="vllm-server: requests in flight at once (sent, or answered and not yet parsed); "
+        "each reply is ~11 KB per token at k=128",
+    )
+    parse_workers: int = Field(
+        0,
+        ge=0,
+        description="vllm-server: worker processes that parse replies (0: in the client's own thread, "
+        "~20-30K tokens/s per core at k=128; a GPU teacher can outpace one core: give it more)",
+    )
     request_batch: int = Field(8, ge=1, description="vllm-server: prompts per request")
     max_request_tokens: int = Field(65536, ge=1, description="vllm-server: most prompt tokens in one request")
     timeout_s: float = Field(
@@ -102,14 +137,27 @@ class TeacherConfig(BaseModel):
     )
     enforce_eager: bool = Field(False, description="vllm: skip CUDA graph capture (slower, starts faster)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        """`max_concurrency` (a config written before max_in_flight) still means max_in_flight."""
+        if isinstance(data, dict) and "max_concurrency" in data:
+            data = dict(data)
+            value = data.pop("max_concurrency")
+            data.setdefault("max_in_flight", value)
+        return data
+
 
 def build_teacher(config: TeacherConfig) -> Teacher:
     """The teacher backend `config` describes (models are loaded, servers are checked on first use)."""
     if config.kind == "vllm-server":
+        from distill.teachers.vllm_server import VllmServerTeacher
+
         return VllmServerTeacher(
             config.url,
             config.model,
-            max_concurrency=config.max_concurrency,
+            max_in_flight=config.max_in_flight,
+            parse_workers=config.parse_workers,
             request_batch=config.request_batch,
             max_request_tokens=config.max_request_tokens,
             timeout_s=config.timeout_s,
@@ -123,6 +171,8 @@ def build_teacher(config: TeacherConfig) -> Teacher:
     if not config.model:
         raise TeacherError(f"kind={config.kind!r} needs model (a local model directory or hub name)")
     if config.kind == "hf":
+        from distill.teachers.hf import HFTeacher
+
         return HFTeacher(
             config.model,
             revision=config.revision,
@@ -133,6 +183,8 @@ def build_teacher(config: TeacherConfig) -> Teacher:
             max_model_len=config.max_model_len,
             name=config.name,
         )
+    from distill.teachers.vllm_engine import VllmEngineTeacher
+
     return VllmEngineTeacher(
         config.model,
         max_logprobs=config.max_logprobs,

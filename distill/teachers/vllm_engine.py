@@ -14,7 +14,10 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from distill.teachers.base import TeacherError, check_k, check_sequences, select_topk, topk_from_rows
+import numpy as np
+
+from distill.teachers.base import TeacherError, check_k, check_sequences
+from distill.teachers.vllm_parse import MAX_LOGPROB, select_flat
 from distill.types import TopK
 
 INSTALL_HINT = (
@@ -31,43 +34,86 @@ def _import_vllm():
     return vllm
 
 
-def _entries_of_position(plp: Any, t: int) -> list[tuple[int, float, int | None]] | None:
-    """(token_id, logprob, rank) at position t of vLLM's prompt logprobs, in either container form."""
+def _flat_arrays(plp: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(counts per position, token_ids, logprobs, ranks, rank_missing) of vLLM's prompt logprobs, read
+    straight into arrays from `FlatLogprobs` (flat lists) or, one position at a time, from the
+    list-of-dicts form. Ranks that are None are reported in `rank_missing` (their rank reads 0)."""
     if hasattr(plp, "start_indices") and hasattr(plp, "end_indices"):  # FlatLogprobs
-        lo, hi = plp.start_indices[t], plp.end_indices[t]
-        if lo == hi:
-            return None
-        return list(zip(plp.token_ids[lo:hi], plp.logprobs[lo:hi], plp.ranks[lo:hi]))
-    entry = plp[t]
-    if not entry:
-        return None
-    return [(tid, lp.logprob, lp.rank) for tid, lp in entry.items()]
+        starts = np.asarray(plp.start_indices, dtype=np.int64)
+        ends = np.asarray(plp.end_indices, dtype=np.int64)
+        counts = ends - starts
+        total = len(plp.token_ids)
+        if starts.size and (starts[0] != 0 or ends[-1] != total or (starts[1:] != ends[:-1]).any()):
+            index = np.concatenate([np.arange(lo, hi) for lo, hi in zip(starts.tolist(), ends.tolist())])
+            pick = lambda values: [values[i] for i in index.tolist()]  # noqa: E731
+        else:
+            pick = lambda values: values  # noqa: E731
+        tids, lps, ranks = pick(plp.token_ids), pick(plp.logprobs), pick(plp.ranks)
+    else:
+        counts_list, tids, lps, ranks = [], [], [], []
+        for t in range(len(plp)):
+            entry = plp[t]
+            counts_list.append(len(entry) if entry else 0)
+            if entry:
+                for tid, lp in entry.items():
+                    tids.append(tid)
+                    lps.append(lp.logprob)
+                    ranks.append(lp.rank)
+        counts = np.asarray(counts_list, dtype=np.int64)
+    tid = np.asarray(tids, dtype=np.int64)
+    lp = np.asarray(lps, dtype=np.float64)
+    try:
+        rank = np.asarray(ranks, dtype=np.int64)
+        missing = np.zeros(rank.size, dtype=bool)
+    except TypeError:  # None among the ranks
+        missing = np.array([r is None for r in ranks], dtype=bool)
+        rank = np.asarray([0 if r is None else r for r in ranks], dtype=np.int64)
+    return counts, tid, lp, rank, missing
 
 
 def parse_engine_prompt_logprobs(plp: Any, prompt: list[int], k: int, where: str = "prompt") -> TopK:
-    """`RequestOutput.prompt_logprobs` (FlatLogprobs or list of {id: Logprob}) -> validated `TopK`."""
+    """`RequestOutput.prompt_logprobs` (FlatLogprobs or list of {id: Logprob}) -> validated `TopK`.
+
+    No Python object per candidate on the flat form: its lists become arrays, checked and reduced to
+    the top k with `select_flat` (the server's parser uses the same)."""
     if plp is None:
         raise TeacherError(f"{where}: vLLM returned no prompt logprobs (was prompt_logprobs set?)")
-    if len(plp) != len(prompt):
-        raise TeacherError(
-            f"{where}: {len(plp)} prompt-logprob positions for a prompt of {len(prompt)} tokens"
-        )
-    rows: list[tuple[list[int], list[float]] | None] = []
-    for t in range(len(prompt)):
-        entries = _entries_of_position(plp, t)
-        if t == 0:
-            if entries:
-                raise TeacherError(f"{where}: position 0 should have no prediction")
-            rows.append(None)
-            continue
-        if not entries:
+    n = len(prompt)
+    if len(plp) != n:
+        raise TeacherError(f"{where}: {len(plp)} prompt-logprob positions for a prompt of {n} tokens")
+    counts, tid, lp, rank, missing = _flat_arrays(plp)
+    if n and counts[0]:
+        raise TeacherError(f"{where}: position 0 should have no prediction")
+    pos = np.repeat(np.arange(n, dtype=np.int64), counts)
+    # The first failing position decides, and within it the checks come in this order: no
+    # candidates, the prompt token missing, then each candidate's logprob and rank in turn.
+    empty = np.flatnonzero(counts[1:] == 0) + 1
+    listed = np.bincount(pos[tid == np.asarray(prompt, dtype=np.int64)[pos]], minlength=n)
+    unlisted = np.flatnonzero(listed[1:] == 0) + 1
+    with np.errstate(invalid="ignore"):
+        bad_lp = np.isnan(lp) | (lp > MAX_LOGPROB) | (lp == np.inf)
+    bad = np.flatnonzero(bad_lp | missing)
+    first = min(
+        (int(empty[0]) if empty.size else n, 0),
+        (int(unlisted[0]) if unlisted.size else n, 1),
+        (int(pos[bad[0]]) if bad.size else n, 2),
+    )
+    if first[0] < n:
+        t, check = first
+        if check == 0:
             raise TeacherError(f"{where}: position {t} has no candidates")
-        if not any(int(tid) == prompt[t] for tid, _, _ in entries):
+        if check == 1:
             raise TeacherError(
                 f"{where}: position {t} does not list the prompt token {prompt[t]}: misaligned"
             )
-        rows.append(select_topk(entries, k))
-    return topk_from_rows(rows, k)
+        i = int(bad[0])
+        if bad_lp[i]:
+            raise TeacherError(f"invalid logprob {float(lp[i])!r} for token {int(tid[i])}")
+        raise TeacherError(f"missing rank for token {int(tid[i])}")
+    if ((tid < 0) | (tid >= 2**31)).any():
+        raise TeacherError(f"{where}: vLLM returned a token id out of range (0 <= id < 2**31)")
+    rank = np.where(rank < 1, k + 1, rank)  # never selected (rank outside 1..k), but still a later listing
+    return TopK(*select_flat(pos, tid, lp, rank, n, k))
 
 
 class VllmEngineTeacher:

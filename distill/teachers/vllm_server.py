@@ -1,32 +1,48 @@
 """`VllmServerTeacher`: top-k prompt logprobs from a running vLLM OpenAI-compatible server.
 
 Production teachers run vLLM in their own container; this client sends token ids (never text) to
-POST /v1/completions with `prompt_logprobs=k`, several prompts per request, a bounded number of
-requests in flight, and retries only where retrying can help (connection errors, timeouts, 5xx).
+POST /v1/completions with `prompt_logprobs=k`, several prompts per request, up to `max_in_flight`
+requests at once (a request counts until its reply is parsed, which bounds the memory replies take),
+and retries only where retrying can help (connection errors, timeouts, 5xx).
 
-Response facts this parser relies on (vLLM 0.11 .. 0.33): `choices[i].prompt_logprobs` has one entry
+Response facts the parser relies on (vLLM 0.11 .. 0.33): `choices[i].prompt_logprobs` has one entry
 per prompt token; entry 0 is null; the others map the token id *as a string* to
 {logprob, rank, decoded_token}; -inf is written as -9999.0; the actual prompt token is listed with
 its true rank, so an entry holds k or k + 1 candidates (fewer when the vocabulary is smaller than k).
+The reply is compact JSON (about 80 bytes per candidate, ~9-11 KB per token at k = 128); it is read
+straight into arrays by `distill.teachers.vllm_parse`, in the event-loop thread or, with
+`parse_workers`, in worker processes that read it from shared memory (one copy per reply).
+
+What the request asks for: token ids in, `prompt_logprobs=k`, one generated token, and
+`return_tokens_as_token_ids` (where vLLM honours it, tokens come as "token_id:N" rather than
+detokenised text; in vLLM 0.32 that covers the sampled `logprobs` only, not `prompt_logprobs`, and a
+server that does not know the field ignores it). `decoded_token` strings cannot be switched off
+per request: start the server with `--skip-tokenizer-init` (we send token ids, so it needs no
+tokenizer) and it writes `"decoded_token": null` and skips detokenising k + 1 tokens per position.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import math
+import multiprocessing
 import random
 import re
 import threading
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
 
-from distill.teachers.base import TeacherError, check_k, check_sequences, select_topk, topk_from_rows
+from distill.teachers.base import TeacherError, check_k, check_sequences
+from distill.teachers.vllm_parse import parse_prompt_logprobs_objects, parse_reply, parse_shared_reply
 from distill.types import TopK
 
 T = TypeVar("T")
@@ -44,66 +60,16 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def parse_prompt_logprobs(entries: Any, prompt: list[int], k: int, where: str = "prompt") -> TopK:
-    """One choice's `prompt_logprobs` list -> `TopK` for `prompt` (validated; TeacherError otherwise)."""
-    if not isinstance(entries, list):
-        raise TeacherError(f"{where}: prompt_logprobs is {type(entries).__name__}, expected a list")
-    if len(entries) != len(prompt):
-        raise TeacherError(
-            f"{where}: {len(entries)} prompt_logprobs entries for a prompt of {len(prompt)} tokens "
-            "(the server must return one entry per prompt token)"
-        )
-    rows: list[tuple[list[int], list[float]] | None] = []
-    for t, entry in enumerate(entries):
-        if t == 0:
-            if entry is not None:
-                raise TeacherError(f"{where}: entry 0 should be null (nothing precedes the first token)")
-            rows.append(None)
-            continue
-        if not isinstance(entry, dict) or not entry:
-            raise TeacherError(f"{where}: entry {t} is {entry!r:.80}, expected a non-empty object")
-        parsed: list[tuple[int, float, int]] = []
-        for key, val in entry.items():
-            try:
-                tid = int(key)
-            except (TypeError, ValueError):
-                raise TeacherError(f"{where}: entry {t} has a non-integer token key {key!r}") from None
-            if not isinstance(val, dict) or not _is_number(val.get("logprob")):
-                raise TeacherError(f"{where}: entry {t}, token {tid}: no numeric logprob in {val!r:.80}")
-            lp, rank = float(val["logprob"]), val.get("rank")
-            if not math.isfinite(lp):  # -inf arrives as -9999; anything non-finite is corrupt
-                raise TeacherError(f"{where}: entry {t}, token {tid}: non-finite logprob {lp}")
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-                raise TeacherError(f"{where}: entry {t}, token {tid}: invalid rank {rank!r}")
-            parsed.append((tid, lp, rank))
-        if not any(tid == prompt[t] for tid, _, _ in parsed):
-            # vLLM always lists the actual token: without it, this entry belongs to another prompt.
-            raise TeacherError(
-                f"{where}: entry {t} does not list the prompt token {prompt[t]}; response misaligned with the request"
-            )
-        rows.append(select_topk(parsed, k))
-    return topk_from_rows(rows, k)
+def parse_prompt_logprobs(entries: Any, prompt: Sequence[int], k: int, where: str = "prompt") -> TopK:
+    """One choice's decoded `prompt_logprobs` list -> `TopK` for `prompt` (validated; TeacherError otherwise)."""
+    return TopK(*parse_prompt_logprobs_objects(entries, prompt, k, where))
 
 
-def parse_completion_response(body: Any, prompts: list[list[int]], k: int) -> list[TopK]:
-    """A /v1/completions JSON body for `prompts` (a list of token-id lists) -> one `TopK` per prompt."""
-    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
-        raise TeacherError(f"response has no 'choices' list: {str(body)[:200]}")
-    choices = body["choices"]
-    if len(choices) != len(prompts):
-        raise TeacherError(f"response has {len(choices)} choices for {len(prompts)} prompts")
-    out: list[TopK | None] = [None] * len(prompts)
-    for pos, choice in enumerate(choices):
-        idx = choice.get("index", pos) if isinstance(choice, dict) else None
-        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(prompts):
-            raise TeacherError(f"choice {pos} has an invalid index {idx!r} (expected 0..{len(prompts) - 1})")
-        if out[idx] is not None:
-            raise TeacherError(f"two choices carry index {idx}")
-        echoed = choice.get("prompt_token_ids")
-        if echoed is not None and list(echoed) != prompts[idx]:
-            raise TeacherError(f"choice {idx}: prompt_token_ids differ from the prompt sent")
-        out[idx] = parse_prompt_logprobs(choice.get("prompt_logprobs"), prompts[idx], k, f"choice {idx}")
-    return out  # type: ignore[return-value]
+def parse_completion_response(body: Any, prompts: Sequence[Sequence[int]], k: int) -> list[TopK]:
+    """A /v1/completions reply for `prompts` (token-id lists) -> one `TopK` per prompt.
+
+    `body` is the raw reply (bytes or str: the fast path the client uses) or its decoded JSON."""
+    return [TopK(*arrays) for arrays in parse_reply(body, prompts, k)]
 
 
 def _error_message(text: str) -> str:
@@ -160,10 +126,13 @@ class VllmServerTeacher:
     """Client of a vLLM OpenAI-compatible server (`atopk` async, `topk` sync; see module docstring).
 
     `model` is the served model name (None: the server's only model). `request_batch` prompts (and at
-    most `max_request_tokens` tokens) go in one request; `max_concurrency` requests are in flight.
-    Each attempt has `timeout_s`; connection errors, timeouts and 5xx are retried `retries` times
-    with exponential backoff from `backoff_s`. `vocab_size` defaults to the served model's config
-    (read from its directory when the server runs on this machine) or is probed from the server.
+    most `max_request_tokens` tokens) go in one request; `max_in_flight` requests are in flight (sent,
+    or answered and not yet parsed; `max_concurrency` is its old name). `parse_workers` > 0 parses
+    replies in that many worker processes (started on first use, stopped by `close`); 0 parses them
+    in the client's event-loop thread. Each attempt has `timeout_s`; connection errors, timeouts and
+    5xx are retried `retries` times with exponential backoff from `backoff_s`. `vocab_size` defaults
+    to the served model's config (read from its directory when the server runs on this machine) or is
+    probed from the server.
     """
 
     def __init__(
@@ -171,7 +140,9 @@ class VllmServerTeacher:
         url: str = "http://127.0.0.1:8000",
         model: str | None = None,
         *,
-        max_concurrency: int = 8,
+        max_in_flight: int = 4,
+        parse_workers: int = 0,
+        max_concurrency: int | None = None,
         request_batch: int = 8,
         max_request_tokens: int = 65536,
         timeout_s: float = 600.0,
@@ -182,15 +153,20 @@ class VllmServerTeacher:
         api_key: str | None = None,
         name: str | None = None,
     ) -> None:
-        if max_concurrency < 1 or request_batch < 1 or max_request_tokens < 1:
-            raise TeacherError("max_concurrency, request_batch and max_request_tokens must be positive")
+        if max_concurrency is not None:  # the old name of max_in_flight
+            max_in_flight = max_concurrency
+        if max_in_flight < 1 or request_batch < 1 or max_request_tokens < 1:
+            raise TeacherError("max_in_flight, request_batch and max_request_tokens must be positive")
+        if parse_workers < 0:
+            raise TeacherError("parse_workers must not be negative (0: parse in the client's own thread)")
         if timeout_s <= 0 or retries < 0 or backoff_s < 0:
             raise TeacherError("timeout_s must be positive; retries and backoff_s must not be negative")
         self.url = url.rstrip("/")
         if self.url.endswith("/v1"):
             self.url = self.url[:-3]
         self.model = model
-        self.max_concurrency = max_concurrency
+        self.max_in_flight = max_in_flight
+        self.parse_workers = parse_workers
         self.request_batch = request_batch
         self.max_request_tokens = max_request_tokens
         self.timeout_s = timeout_s
@@ -207,6 +183,8 @@ class VllmServerTeacher:
             weakref.WeakKeyDictionary()
         )
         self._background = _BackgroundLoop()
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     # -- identity ------------------------------------------------------------------------------
 
@@ -286,6 +264,10 @@ class VllmServerTeacher:
             else:
                 loop.run_until_complete(state.session.close())
         self._background.stop()
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> VllmServerTeacher:
         return self
@@ -301,7 +283,9 @@ class VllmServerTeacher:
         self.close()
 
     def __repr__(self) -> str:
-        return f"VllmServerTeacher(url={self.url!r}, model={self.model!r})"
+        return (
+            f"VllmServerTeacher(url={self.url!r}, model={self.model!r}, max_in_flight={self.max_in_flight})"
+        )
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -313,7 +297,7 @@ class VllmServerTeacher:
         state = self._states.get(loop)
         if state is None or state.session.closed:
             session = aiohttp.ClientSession(headers=self._headers, connector=aiohttp.TCPConnector(limit=0))
-            state = self._states[loop] = _LoopState(session, asyncio.Semaphore(self.max_concurrency))
+            state = self._states[loop] = _LoopState(session, asyncio.Semaphore(self.max_in_flight))
         return state
 
     def _groups(self, order: list[int], seqs: list[list[int]]) -> list[list[int]]:
@@ -339,12 +323,57 @@ class VllmServerTeacher:
             "max_tokens": 1,
             "temperature": 0,
             "prompt_logprobs": k,
+            "return_tokens_as_token_ids": True,
         }
-        body = await self._arequest("POST", "/v1/completions", payload, k=k)
-        return parse_completion_response(body, prompts, k)
+        async with self._state().semaphore:  # held until parsed: bounds the replies held in memory
+            raw = await self._arequest("POST", "/v1/completions", payload, k=k, raw=True, held=True)
+            if self.parse_workers == 0:
+                arrays = parse_reply(raw, prompts, k)
+            else:
+                arrays = await self._aparse_in_worker(raw, prompts, k)
+        return [TopK(*a) for a in arrays]
 
-    async def _arequest(self, method: str, path: str, payload: Any = None, *, k: int | None = None) -> Any:
-        """One HTTP call with retries on connection errors, timeouts and 5xx (never on 4xx)."""
+    async def _aparse_in_worker(self, raw: bytes, prompts: list[list[int]], k: int) -> list:
+        """`parse_reply` in a worker process; the reply goes there through shared memory (one copy)."""
+        block = shared_memory.SharedMemory(create=True, size=max(1, len(raw)))
+        try:
+            block.buf[: len(raw)] = raw
+            return await asyncio.get_running_loop().run_in_executor(
+                self._parse_pool(), parse_shared_reply, block.name, len(raw), prompts, k
+            )
+        except BrokenProcessPool as exc:
+            with self._pool_lock:
+                self._pool = None  # the next call starts fresh workers
+            raise TeacherError(
+                f"a reply-parsing worker process died ({exc}); set parse_workers=0 to parse in-process"
+            ) from None
+        finally:
+            block.close()
+            block.unlink()  # (a worker still reading keeps its mapping until it is done)
+
+    def _parse_pool(self) -> ProcessPoolExecutor:
+        """The worker processes that parse replies, started on first use ("spawn": no fork of a process
+        with threads; they import only numpy, msgspec and distill.teachers.vllm_parse)."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.parse_workers, mp_context=multiprocessing.get_context("spawn")
+                )
+                weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+            return self._pool
+
+    async def _arequest(
+        self,
+        method: str,
+        path: str,
+        payload: Any = None,
+        *,
+        k: int | None = None,
+        raw: bool = False,
+        held: bool = False,
+    ) -> Any:
+        """One HTTP call with retries on connection errors, timeouts and 5xx (never on 4xx): the decoded
+        JSON body, or with `raw` its bytes. `held`: the caller holds a slot of the in-flight semaphore."""
         state = self._state()
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         attempts = self.retries + 1
@@ -353,10 +382,10 @@ class VllmServerTeacher:
         for attempt in range(attempts):
             try:
                 async with (
-                    state.semaphore,
+                    contextlib.nullcontext() if held else state.semaphore,
                     state.session.request(method, self.url + path, json=payload, timeout=timeout) as resp,
                 ):
-                    status, text = resp.status, await resp.text()
+                    status, data = resp.status, await resp.read()
             except asyncio.TimeoutError:  # before ClientError: aiohttp's timeouts are both
                 kind, failure = "timeout", f"no response within {self.timeout_s:g} s"
             except aiohttp.ClientConnectorError as exc:
@@ -365,12 +394,15 @@ class VllmServerTeacher:
                 kind, failure = "connection", f"{type(exc).__name__}: {exc}"
             else:
                 if status < 400:
+                    if raw:
+                        return data
                     try:
-                        return json.loads(text)
+                        return json.loads(data)
                     except ValueError:
                         raise TeacherError(
-                            f"vLLM server at {self.url}{path} returned invalid JSON: {text[:200]!r}"
+                            f"vLLM server at {self.url}{path} returned invalid JSON: {data[:200]!r}"
                         ) from None
+                text = data.decode("utf-8", "replace")
                 if status < 500:
                     raise self._client_error(status, _error_message(text), path, k)
                 kind, failure = "server", f"HTTP {status}: {_error_message(text)}"

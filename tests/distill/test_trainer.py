@@ -299,3 +299,48 @@ def test_fsdp_run_killed_and_resumed_follows_the_same_curve(workspace, cache_dir
             assert (key in x) == (key in y), (x["step"], key)
             if key in x:
                 assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+
+
+def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_checkpoint(out / "checkpoints" / f"step-{step:08d}").state_dict()
+
+
+def _same_run(a: Path, b: Path, step: int) -> None:
+    strip = ("tokens_per_s", "data_wait_s", "data_wait_fraction")
+    ma = [{k: v for k, v in m.items() if k not in strip} for m in read_metrics(a)]
+    mb = [{k: v for k, v in m.items() if k not in strip} for m in read_metrics(b)]
+    assert ma == mb
+    wa, wb = _weights(a, step), _weights(b, step)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("source", ["cache", "live"])
+def test_prefetching_batches_changes_nothing_but_the_wait(workspace, cache_dir, tmp_path, source):
+    if source == "cache":
+        full = train_args(workspace, cache_dir, tmp_path / "x", 6)
+        common = [*full[: full.index("--steps")], "--optim.grad_accum", "2"]
+    else:
+        common = [
+            "train", "--teacher.kind", "hf", "--teacher.model", str(workspace / "teacher"),
+            "--teacher.device", "cpu", "--k", "16", "--data.tokenizer", str(workspace / "tokenizer"),
+            "--data.sources", str(workspace / "text"), "--data.sample_len", "64", "--data.seq_len", "128",
+            "--data.eval_samples", "4",
+        ]  # fmt: skip
+    runs = {}
+    for depth in (0, 3):
+        out = tmp_path / f"{source}-prefetch{depth}"
+        args = [
+            *common,
+            "--steps",
+            "6",
+            "--out_dir",
+            str(out),
+            "--no-progress",
+            "--data.prefetch",
+            str(depth),
+        ]
+        assert main([*args, "--save_every", "6", "--log_every", "1"]) == 0
+        runs[depth] = out
+    _same_run(runs[0], runs[3], 6)
+    waits = [m["data_wait_fraction"] for m in read_metrics(runs[3]) if "data_wait_fraction" in m]
+    assert len(waits) == 6 and all(w >= 0.0 for w in waits)  # recorded every step
