@@ -489,14 +489,13 @@ class Validator(node.NodeBase):
             memory_bytes=self.memory_bytes,
         )
         with worker:
-            failed = self._in_worker(owned, lambda: worker.start(deadline), "loading")
+            _, failed = self._in_worker(owned, lambda: worker.start(deadline), "loading")
             if failed is not None:
                 return failed
             prints = self.states.fingerprint(digest)
             if prints is None:  # deterministic for given content: computed once, kept on disk
-                values: list = []
-                failed = self._in_worker(
-                    owned, lambda: values.extend(worker.fingerprint(*self.probe, deadline)), "the fingerprint"
+                values, failed = self._in_worker(
+                    owned, lambda: worker.fingerprint(*self.probe, deadline), "the fingerprint"
                 )
                 if failed is not None:
                     return failed
@@ -506,16 +505,10 @@ class Validator(node.NodeBase):
             if owner is not None:
                 return self._copy(owned, owner, "near-identical outputs on the copy-detection probe to")
             behaviour = self._behaviour_path(current, digest)
-            kl_values: list = []
-            failed = self._in_worker(
+            kl_values, failed = self._in_worker(
                 owned,
-                lambda: kl_values.extend(
-                    worker.kl(
-                        str(prompts.path),
-                        str(behaviour),
-                        score_from=self.cfg.kl.score_from,
-                        deadline=deadline,
-                    )
+                lambda: worker.kl(
+                    str(prompts.path), str(behaviour), score_from=self.cfg.kl.score_from, deadline=deadline
                 ),
                 "the KL evaluation",
             )
@@ -542,32 +535,29 @@ class Validator(node.NodeBase):
             )  # fmt: skip
         return SubmissionResult(**owned, status="ok", kl=kl.tolist(), longctx=longctx)
 
-    def _in_worker(self, owned: dict, call, what: str) -> SubmissionResult | None:
-        """Run `call` (a request to the submission's worker); None when it worked, else the verdict
-        its failure earns: the files are not a model (rejected), the memory cap (rejected), the time
+    def _in_worker(self, owned: dict, call, what: str) -> tuple[object, SubmissionResult | None]:
+        """Run `call` (a request to the submission's worker): (its value, None) when it worked, else
+        (None, the verdict its failure earns): the files are not a model (rejected), the memory cap (rejected), the time
         budget (timeout), anything else (error, judged afresh next round)."""
         from validator_tasks.worker import MemoryCapExceeded, ModelRejected, WorkerFailed
 
         budget = self.cfg.scoring.time_budget_s
         try:
-            call()
+            return call(), None
         except ModelRejected as e:
-            return SubmissionResult(
-                **owned,
-                status="rejected",
-                code="WEIGHTS",
-                reason=str(e).removeprefix("cannot load the model: "),
-            )
+            reason = str(e).removeprefix("cannot load the model: ")
+            return None, SubmissionResult(**owned, status="rejected", code="WEIGHTS", reason=reason)
         except MemoryCapExceeded as e:
-            return SubmissionResult(**owned, status="rejected", code="MEMORY", reason=str(e))
+            return None, SubmissionResult(**owned, status="rejected", code="MEMORY", reason=str(e))
         except BudgetExceeded:
-            return SubmissionResult(
+            return None, SubmissionResult(
                 **owned, status="timeout", code="SLOW",
                 reason=f"{what} did not finish within the time budget of {budget:.0f}s; the model process was stopped",
             )  # fmt: skip
         except (WorkerFailed, RuntimeError) as e:
-            return SubmissionResult(**owned, status="error", code="EVAL_ERROR", reason=f"{what} failed: {e}")
-        return None
+            return None, SubmissionResult(
+                **owned, status="error", code="EVAL_ERROR", reason=f"{what} failed: {e}"
+            )
 
     def _copy(self, owned: dict, owner: Submission, how: str) -> SubmissionResult:
         return SubmissionResult(

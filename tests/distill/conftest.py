@@ -37,20 +37,24 @@ def cache_dir(workspace) -> Path:
     from distill.cli import main
 
     out = workspace / "cache"
-    code = main(
-        [
-            "cache",
-            "--cache_dir", str(out),
-            "--teacher.kind", "hf",
-            "--teacher.model", str(workspace / "teacher"),
-            "--teacher.device", "cpu",
-            "--data.tokenizer", str(workspace / "tokenizer"),
-            "--data.sources", str(workspace / "text"),
-            "--data.sample_len", "64",
-            "--k", "32",
-            "--max_samples", "240",
-            "--no-progress",
-        ]
-    )  # fmt: skip
+    code = main(cache_args(workspace, out, k=32, max_samples=240))
     assert code == 0
     return out
+
+
+def cache_args(workspace, out, *, k: int, max_samples: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """`python -m distill cache` arguments scoring the workspace's text with its tiny HF teacher."""
+    return [
+        "cache",
+        "--cache_dir", str(out),
+        "--teacher.kind", "hf",
+        "--teacher.model", str(workspace / "teacher"),
+        "--teacher.device", "cpu",
+        "--data.tokenizer", str(workspace / "tokenizer"),
+        "--data.sources", str(workspace / "text"),
+        "--data.sample_len", "64",
+        "--k", str(k),
+        "--max_samples", str(max_samples),
+        "--no-progress",
+        *extra,
+    ]  # fmt: skip

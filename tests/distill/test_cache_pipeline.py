@@ -22,6 +22,7 @@ from distill.cache import JOURNAL_NAME, CacheError, LogitCache, sample_key
 from distill.cache_pipeline import fill_cache
 from distill.teachers.base import TeacherError
 from distill.types import TopK
+from tests.distill.conftest import cache_args
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 5000
@@ -183,22 +184,10 @@ def test_cli_pipelined_equals_sequential_with_a_tiny_hf_teacher(workspace, tmp_p
 
     def run(out: Path, *extra: str) -> LogitCache:
         code = main(
-            [
-                "cache",
-                "--cache_dir", str(out),
-                "--teacher.kind", "hf",
-                "--teacher.model", str(workspace / "teacher"),
-                "--teacher.device", "cpu",
-                "--data.tokenizer", str(workspace / "tokenizer"),
-                "--data.sources", str(workspace / "text"),
-                "--data.sample_len", "64",
-                "--k", "16",
-                "--max_samples", "90",
-                "--teacher_batch", "8",
-                "--shard_samples", "25",
-                "--no-progress",
-                *extra,
-            ]
+            cache_args(
+                workspace, out, k=16, max_samples=90,
+                extra=("--teacher_batch", "8", "--shard_samples", "25", *extra),
+            )
         )  # fmt: skip
         assert code == 0
         (manifest,) = out.glob("*/manifest.json")
