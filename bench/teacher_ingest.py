@@ -228,6 +228,122 @@ class ReplayServer:
         self._dir.cleanup()
 
 
+class _PositionPool:
+    """Precomputed top-k candidate lists in vLLM's layout, from which a reply for ANY prompt is put
+    together by joining bytes: what `distill cache` sends depends on its text, so its replies cannot
+    all be recorded in advance. Per list: the k entries (ranks 1..k) and the k-1 entries of ranks 2..k
+    (the actual token takes rank 1); the actual token's own entry is written per position."""
+
+    def __init__(self, vocab: Vocab, k: int, size: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.vocab, self.k = vocab, k
+        self.json = [t.encode() for t in vocab.json]
+        self.full, self.tail, self.ids, self.top, self.low = [], [], [], [], []
+        for _ in range(size):
+            ids: list[int] = []
+            seen: set[int] = set()
+            while len(ids) < k:
+                for t in vocab.draw(rng, 2 * k).tolist():
+                    if t not in seen and len(ids) < k:
+                        seen.add(t)
+                        ids.append(t)
+            top = [rng.uniform(-1e-4, -1e-6), rng.uniform(-0.3, -1e-3), rng.uniform(-3.5, -0.3)][
+                rng.choice(3, p=[0.2, 0.3, 0.5])
+            ]
+            rest = np.log(np.arange(2, k + 1, dtype=np.float64)) * rng.uniform(1.0, 2.0) + rng.uniform(
+                1.0, 4.0
+            )
+            lps = np.concatenate([[top], top - rest]).astype(np.float32).tolist()
+            entries = [_entry(t, lp, j + 1, vocab).encode() for j, (t, lp) in enumerate(zip(ids, lps))]
+            self.full.append(b",".join(entries))
+            self.tail.append(b",".join(entries[1:]))
+            self.ids.append(seen)
+            self.top.append(lps[0])
+            self.low.append(float(np.float32(lps[-1] - rng.exponential(2.0))))
+
+    def position(self, out: list[bytes], actual: int, j: int) -> None:
+        """Append position j's dict for `actual` to `out`: in 45% of positions the teacher's top-1, else
+        outside the top-k (rank k + 1 + j % 50); a list that already holds `actual` is skipped."""
+        size = len(self.full)
+        while actual in self.ids[j % size]:
+            j += 1
+        i = j % size
+        text = self.json[actual]
+        if j % 20 < 9:
+            out += (b'{"%d":{"logprob":%r,"rank":1,"decoded_token":%s},' % (actual, self.top[i], text), self.tail[i], b"}")  # fmt: skip
+        else:
+            rank = self.k + 1 + j % 50
+            out += (b'{"%d":{"logprob":%r,"rank":%d,"decoded_token":%s},' % (actual, self.low[i], rank, text), self.full[i], b"}")  # fmt: skip
+
+    def reply(self, prompts: list[list[int]]) -> bytes:
+        out = [
+            b'{"id":"cmpl-bench","object":"text_completion","created":1796303304,"model":"teacher","choices":['
+        ]
+        for c, prompt in enumerate(prompts):
+            salt = (prompt[0] * 7919 + len(prompt)) if prompt else 0
+            out.append(
+                b'%s{"index":%d,"text":"x","logprobs":null,"finish_reason":"length","stop_reason":null,'
+                b'"token_ids":null,"prompt_logprobs":[null' % (b"," if c else b"", c)
+            )
+            for p, t in enumerate(prompt[1:], 1):
+                out.append(b",")
+                self.position(out, t, salt + 31 * p + t)
+            out.append(b'],"prompt_token_ids":null,"routed_experts":null}')
+        n = sum(len(p) for p in prompts)
+        return b"".join(out) + (
+            b'],"service_tier":null,"system_fingerprint":"vllm-0.32.0","usage":{"prompt_tokens":'
+            + b'%d,"total_tokens":%d,"completion_tokens":%d,' % (n, n + len(prompts), len(prompts))
+            + b'"prompt_tokens_details":null,"completion_tokens_details":null},"kv_transfer_params":null,'
+            + b'"ec_transfer_params":null,"metrics":null}'
+        )
+
+
+def _serve_any(k: int, vocab_kind: str, pool_size: int, seed: int, port_queue) -> None:
+    """Answer POST /v1/completions for any prompts with replies put together from a `_PositionPool`."""
+    from aiohttp import web
+
+    pool = _PositionPool(Vocab(vocab_kind, seed), k, pool_size, seed)
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "teacher", "root": "teacher", "max_model_len": 1 << 20}]})  # fmt: skip
+
+    async def completions(request: web.Request) -> web.Response:
+        payload = json.loads(await request.read())
+        if payload.get("prompt_logprobs") != k:
+            return web.json_response(
+                {"error": {"message": f"this replay server answers k={k} only"}}, status=400
+            )
+        return web.Response(body=pool.reply(payload["prompt"]), content_type="application/json")
+
+    async def main() -> None:
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_get("/v1/models", models)
+        app.router.add_post("/v1/completions", completions)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port_queue.put(site._server.sockets[0].getsockname()[1])
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+class SynthesisingServer:
+    """A local aiohttp server, in its own process, answering any prompts at k (see `_PositionPool`)."""
+
+    def __init__(self, k: int, vocab_kind: str = "auto", pool_size: int = 1024, seed: int = 0) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        self.proc = ctx.Process(target=_serve_any, args=(k, vocab_kind, pool_size, seed, queue), daemon=True)
+        self.proc.start()
+        self.url = f"http://127.0.0.1:{queue.get(timeout=300)}"
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.join(10)
+
+
 # -- today's client, the baseline -----------------------------------------------------------------
 
 

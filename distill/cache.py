@@ -570,12 +570,18 @@ def _unpack_bits(raw: bytes, widths: np.ndarray) -> np.ndarray:
     return (((words[at] | (words[at + 1] << np.uint64(32))) >> shift) & mask).astype(np.uint32)
 
 
+_LZ77_BELOW_BITS = 2  # bits per symbol of the Huffman code under which LZ77 is tried too
+
+
 def _compress_symbols(data: bytes, codec: int, level: int) -> bytes:
     if codec != 1 or level == 0:
         return _compress(data, codec, level)
     c = zlib.compressobj(level, zlib.DEFLATED, 15, 8, zlib.Z_HUFFMAN_ONLY)
     best = c.compress(data) + c.flush()
-    if level >= 6:  # runs (a sparse row, a small dictionary) can still pay for LZ77: keep the smaller
+    if level >= 6 and len(best) * 8 < _LZ77_BELOW_BITS * len(data):
+        # runs (a sparse row, a small dictionary) can still pay for LZ77: keep the smaller. Only worth
+        # trying where the Huffman code is already short: near-random symbols never gain, and trying
+        # costs as much as the rest of the encoding.
         alt = zlib.compress(data, level)
         best = alt if len(alt) < len(best) else best
     return best

@@ -54,11 +54,13 @@ class DataConfig(BaseModel):
     eval_samples: int = Field(
         32, ge=0, description="held-out samples scored at each evaluation (0: no evaluation)"
     )
-    prefetch: int = Field(
-        2,
+    prefetch: int | None = Field(
+        None,
         ge=0,
         description="optimizer steps of batches built ahead in a background thread (cache decoding, live "
-        "teacher, targets); 0: in the step's own thread. The order is the same either way",
+        "teacher, targets); 0: in the step's own thread; default: 2 on a GPU, 0 on CPU, where the step's "
+        "threads take every core and a producer thread slows them more than waiting does. The order is "
+        "the same either way",
     )
 
     @model_validator(mode="after")

@@ -465,18 +465,31 @@ def parse_reply(body: Any, prompts: Sequence[Sequence[int]], k: int) -> list[Arr
 def parse_shared_reply(name: str, size: int, prompts: Sequence[Sequence[int]], k: int) -> list[Arrays]:
     """`parse_reply` of the reply the client left in shared memory block `name` (its first `size`
     bytes): the worker reads it in place, so a reply crosses processes with one copy, not four."""
-    from multiprocessing import shared_memory
-
-    block = shared_memory.SharedMemory(name=name)
-    try:
-        result, error = _parse_view(block.buf, size, prompts, k)
-    finally:
-        # a view still alive (only after an unexpected error) is freed with the process
-        with contextlib.suppress(BufferError):
-            block.close()
+    block = _attached(name)
+    result, error = _parse_view(block.buf, size, prompts, k)
     if error is not None:
         raise TeacherError(error)
     return result
+
+
+_ATTACHED: dict[str, Any] = {}  # name -> SharedMemory, oldest first: the client reuses its blocks
+_MAX_ATTACHED = 8
+
+
+def _attached(name: str):
+    """The client's block `name`, mapped once per worker (mapping it anew costs a page fault per page)."""
+    from multiprocessing import shared_memory
+
+    block = _ATTACHED.pop(name, None)
+    if block is None:
+        block = shared_memory.SharedMemory(name=name)
+        while len(_ATTACHED) >= _MAX_ATTACHED:  # blocks the client has replaced, most likely
+            old = _ATTACHED.pop(next(iter(_ATTACHED)))
+            # a view still alive (only after an unexpected error) is freed with the process
+            with contextlib.suppress(BufferError):
+                old.close()
+    _ATTACHED[name] = block  # most recent last
+    return block
 
 
 def _parse_view(buf: memoryview, size: int, prompts: Sequence[Sequence[int]], k: int):

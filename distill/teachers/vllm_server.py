@@ -19,6 +19,8 @@ detokenised text; in vLLM 0.32 that covers the sampled `logprobs` only, not `pro
 server that does not know the field ignores it). `decoded_token` strings cannot be switched off
 per request: start the server with `--skip-tokenizer-init` (we send token ids, so it needs no
 tokenizer) and it writes `"decoded_token": null` and skips detokenising k + 1 tokens per position.
+Such a server no longer checks token ids, and an id outside the vocabulary stops its engine (vLLM
+0.32, observed): give `vocab_size` (it is then not probed) and the client refuses such ids itself.
 """
 
 from __future__ import annotations
@@ -122,6 +124,44 @@ class _BackgroundLoop:
                 loop.close()
 
 
+class _ReplyBlocks:
+    """The shared-memory blocks that carry replies to the parse workers, kept and reused: a new block
+    per reply costs a page fault per 4 KiB page in both processes, several times the copy itself.
+    At most one block per reply being parsed (`max_in_flight`); a block too small for a reply is
+    replaced by one of the next power of two."""
+
+    def __init__(self) -> None:
+        self._free: list[shared_memory.SharedMemory] = []
+        self._lock = threading.Lock()
+
+    def acquire(self, size: int) -> shared_memory.SharedMemory:
+        with self._lock:
+            fits = [b for b in self._free if b.size >= size]
+            if fits:
+                block = min(fits, key=lambda b: b.size)
+                self._free.remove(block)
+                return block
+            if self._free:  # all too small: retire one, so that the count stays bounded
+                _drop_block(self._free.pop())
+        return shared_memory.SharedMemory(create=True, size=1 << max(20, (size - 1).bit_length()))
+
+    def release(self, block: shared_memory.SharedMemory) -> None:
+        with self._lock:
+            self._free.append(block)
+
+    def close(self) -> None:
+        with self._lock:
+            blocks, self._free = self._free, []
+        for block in blocks:
+            _drop_block(block)
+
+
+def _drop_block(block: shared_memory.SharedMemory) -> None:
+    block.close()
+    with contextlib.suppress(FileNotFoundError):
+        block.unlink()  # (a worker that still maps it keeps its pages until it lets go)
+
+
 class VllmServerTeacher:
     """Client of a vLLM OpenAI-compatible server (`atopk` async, `topk` sync; see module docstring).
 
@@ -185,6 +225,7 @@ class VllmServerTeacher:
         self._background = _BackgroundLoop()
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._blocks = _ReplyBlocks()
 
     # -- identity ------------------------------------------------------------------------------
 
@@ -215,6 +256,14 @@ class VllmServerTeacher:
     async def atopk(self, sequences: list[list[int]], k: int) -> list[TopK]:
         k = check_k(k)
         seqs = check_sequences(sequences)
+        if self._vocab_size is not None:  # a server started with --skip-tokenizer-init does not check
+            for i, s in enumerate(seqs):
+                if s and max(s) >= self._vocab_size:
+                    raise TeacherError(
+                        f"sequence {i} holds token id {max(s)}, outside the teacher's vocabulary of "
+                        f"{self._vocab_size} ids: are the prompts in the teacher's tokenizer? (nothing was sent; "
+                        "a vLLM server started with --skip-tokenizer-init does not check ids itself)"
+                    )
         await self._aensure_ready(k)
         limit = None if self.max_model_len is None else self.max_model_len - 1  # one slot for max_tokens=1
         for i, s in enumerate(seqs):
@@ -268,6 +317,7 @@ class VllmServerTeacher:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        self._blocks.close()
 
     def __enter__(self) -> VllmServerTeacher:
         return self
@@ -335,7 +385,7 @@ class VllmServerTeacher:
 
     async def _aparse_in_worker(self, raw: bytes, prompts: list[list[int]], k: int) -> list:
         """`parse_reply` in a worker process; the reply goes there through shared memory (one copy)."""
-        block = shared_memory.SharedMemory(create=True, size=max(1, len(raw)))
+        block = self._blocks.acquire(len(raw))
         try:
             block.buf[: len(raw)] = raw
             return await asyncio.get_running_loop().run_in_executor(
@@ -348,8 +398,7 @@ class VllmServerTeacher:
                 f"a reply-parsing worker process died ({exc}); set parse_workers=0 to parse in-process"
             ) from None
         finally:
-            block.close()
-            block.unlink()  # (a worker still reading keeps its mapping until it is done)
+            self._blocks.release(block)
 
     def _parse_pool(self) -> ProcessPoolExecutor:
         """The worker processes that parse replies, started on first use ("spawn": no fork of a process

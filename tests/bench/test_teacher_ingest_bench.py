@@ -35,6 +35,31 @@ def test_realistic_reply_has_vllms_layout():
     assert len(reference_parse_completion_response(body, prompts, 20)) == 2
 
 
+def test_replies_for_any_prompt_have_vllms_layout_and_parse_alike():
+    """The synthesising server's replies (bench/cache_pipeline.py): every prompt token listed once,
+    first, with its rank; k or k + 1 distinct candidates; both parsers agree."""
+    from distill.teachers import vllm_parse
+
+    k = 20
+    pool = bench._PositionPool(bench.Vocab("synthetic", seed=1), k, 16, seed=0)
+    prompts = [[5, 5, 9, 1000, 17, 5], [3, 4], [int(t) for t in pool.ids[0]][:7]]  # repeats, pool ids
+    raw = pool.reply(prompts)
+    body = json.loads(raw)
+    for choice, prompt in zip(body["choices"], prompts, strict=True):
+        plp = choice["prompt_logprobs"]
+        assert plp[0] is None and len(plp) == len(prompt)
+        for t, entry in enumerate(plp[1:], 1):
+            keys = list(entry)
+            assert keys[0] == str(prompt[t]) and len(keys) in (k, k + 1)
+            ranks = sorted(v["rank"] for v in entry.values())
+            assert ranks[:k] == list(range(1, k + 1))
+    new = vllm_parse.parse_reply(raw, prompts, k)
+    old = reference_parse_completion_response(body, prompts, k)
+    for (ids, lps, tail), ref in zip(new, old, strict=True):
+        assert np.array_equal(ids, ref.token_ids) and np.array_equal(lps, ref.logprobs)
+        assert np.array_equal(tail, ref.tail_logprob)
+
+
 def test_teacher_ingest_bench_records_results(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     out.write_text(

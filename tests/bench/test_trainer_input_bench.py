@@ -15,5 +15,5 @@ def test_the_bench_runs_and_both_modes_train_the_same_weights(tmp_path, capsys) 
     text = out.read_text()
     assert "<!-- trainer_input:start -->" in text and "<!-- trainer_input:end -->" in text
     rows = [line for line in text.splitlines() if line.startswith("| tiny |")]
-    assert len(rows) == 2 and "(baseline)" in rows[0]
+    assert len(rows) in (2, 4) and "(baseline)" in rows[0]  # every core, and one fewer where there are 2+
     assert all(row.rstrip().endswith("| yes |") for row in rows)  # prefetch changes nothing trained

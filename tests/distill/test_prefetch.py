@@ -47,3 +47,15 @@ def test_close_stops_the_producer_and_touches_nothing_after() -> None:
     assert len(produced) == count  # joined: the producer is gone
     with pytest.raises(ValueError):
         Prefetcher(iter(()), depth=-1)
+
+
+def test_prefetch_defaults_to_two_on_a_gpu_and_off_on_cpu():
+    import torch
+
+    from distill.config import DataConfig
+    from distill.trainer import prefetch_depth
+
+    assert DataConfig().prefetch is None
+    assert prefetch_depth(None, torch.device("cpu")) == 0
+    assert prefetch_depth(None, torch.device("cuda", 0)) == 2
+    assert prefetch_depth(3, torch.device("cpu")) == 3 and prefetch_depth(0, torch.device("cuda")) == 0

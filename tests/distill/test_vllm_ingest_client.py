@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,8 +93,11 @@ def test_parse_workers_give_the_same_results_and_shut_down():
         assert pool is not None
         workers = list(pool._processes.values())
         assert workers and all(p.is_alive() for p in workers)
+        blocks = [b.name for b in teacher._blocks._free]  # reused, one per reply in flight at most
+        assert 1 <= len(blocks) <= teacher.max_in_flight
         teacher.close()
         assert teacher._pool is None
+        assert not [b for b in blocks if Path("/dev/shm", b.lstrip("/")).exists()], "blocks left behind"
         for p in workers:
             p.join(10)
             assert not p.is_alive()
@@ -124,3 +128,20 @@ def test_parse_worker_imports_neither_torch_nor_transformers():
         "heavy = {'torch', 'transformers', 'aiohttp'} & set(sys.modules); assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_reply_blocks_are_reused_and_a_small_one_is_replaced():
+    from distill.teachers.vllm_server import _ReplyBlocks
+
+    blocks = _ReplyBlocks()
+    a = blocks.acquire(10)
+    assert a.size == 1 << 20
+    blocks.release(a)
+    assert blocks.acquire(1 << 20) is a  # fits: the same block, no new mapping
+    blocks.release(a)
+    b = blocks.acquire((1 << 21) + 1)  # too big for it: it is retired, the new one is a power of two
+    assert b.size == 1 << 22 and b.name != a.name
+    assert not Path("/dev/shm", a.name.lstrip("/")).exists()
+    blocks.release(b)
+    blocks.close()
+    assert not Path("/dev/shm", b.name.lstrip("/")).exists()

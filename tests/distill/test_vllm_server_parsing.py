@@ -453,3 +453,17 @@ def test_vocab_size_is_probed_when_the_model_directory_is_not_local():
     with serve(FakeVllm("probe")) as url, client(url) as teacher:
         assert teacher.vocab_size == 700
     assert VllmServerTeacher("http://127.0.0.1:1", vocab_size=123).vocab_size == 123
+
+
+def test_ids_outside_a_given_vocabulary_are_refused_before_anything_is_sent():
+    # With --skip-tokenizer-init vLLM does not check ids and one out of range stops its engine; so the
+    # client refuses it itself (port 1: nothing listens, so a request would fail differently).
+    teacher = VllmServerTeacher("http://127.0.0.1:1", vocab_size=100, retries=0)
+    try:
+        for bad in ([[1, 2, 100]], [[5], [3, 250_000]]):
+            with pytest.raises(
+                TeacherError, match=r"outside the teacher's vocabulary of 100 ids.*nothing was sent"
+            ):
+                teacher.topk(bad, 3)
+    finally:
+        teacher.close()
