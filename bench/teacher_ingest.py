@@ -179,22 +179,19 @@ def prompt_key(prompts: list[list[int]]) -> str:
     return hashlib.sha1(json.dumps(prompts, separators=(",", ":")).encode()).hexdigest()
 
 
-def _serve(directory: str, port_queue) -> None:
-    """Serve the replies in `directory` (KEY.json) for POST /v1/completions, keyed by the prompts."""
+def _serve_completions(answer, port_queue) -> None:
+    """Run a local vLLM-like server: GET /v1/models and POST /v1/completions, whose reply body is
+    `answer(payload)` (bytes) or, where that is a str, an HTTP 400 with it as the message. Its port
+    goes to `port_queue`; it runs until the process is stopped."""
     from aiohttp import web
-
-    replies = {p.stem: p.read_bytes() for p in Path(directory).glob("*.json")}
 
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "teacher", "root": "teacher", "max_model_len": 1 << 20}]})  # fmt: skip
 
     async def completions(request: web.Request) -> web.Response:
-        payload = json.loads(await request.read())
-        body = replies.get(prompt_key(payload["prompt"]))
-        if body is None:
-            return web.json_response(
-                {"error": {"message": "no recorded reply for these prompts"}}, status=400
-            )
+        body = answer(json.loads(await request.read()))
+        if isinstance(body, str):
+            return web.json_response({"error": {"message": body}}, status=400)
         return web.Response(body=body, content_type="application/json")
 
     async def main() -> None:
@@ -209,6 +206,15 @@ def _serve(directory: str, port_queue) -> None:
         await asyncio.Event().wait()
 
     asyncio.run(main())
+
+
+def _serve(directory: str, port_queue) -> None:
+    """Serve the replies in `directory` (KEY.json) for POST /v1/completions, keyed by the prompts."""
+    replies = {p.stem: p.read_bytes() for p in Path(directory).glob("*.json")}
+    _serve_completions(
+        lambda payload: replies.get(prompt_key(payload["prompt"]), "no recorded reply for these prompts"),
+        port_queue,
+    )
 
 
 class ReplayServer:
@@ -300,33 +306,14 @@ class _PositionPool:
 
 def _serve_any(k: int, vocab_kind: str, pool_size: int, seed: int, port_queue) -> None:
     """Answer POST /v1/completions for any prompts with replies put together from a `_PositionPool`."""
-    from aiohttp import web
-
     pool = _PositionPool(Vocab(vocab_kind, seed), k, pool_size, seed)
 
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "teacher", "root": "teacher", "max_model_len": 1 << 20}]})  # fmt: skip
-
-    async def completions(request: web.Request) -> web.Response:
-        payload = json.loads(await request.read())
+    def answer(payload: dict) -> bytes | str:
         if payload.get("prompt_logprobs") != k:
-            return web.json_response(
-                {"error": {"message": f"this replay server answers k={k} only"}}, status=400
-            )
-        return web.Response(body=pool.reply(payload["prompt"]), content_type="application/json")
+            return f"this replay server answers k={k} only"
+        return pool.reply(payload["prompt"])
 
-    async def main() -> None:
-        app = web.Application(client_max_size=1 << 30)
-        app.router.add_get("/v1/models", models)
-        app.router.add_post("/v1/completions", completions)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port_queue.put(site._server.sockets[0].getsockname()[1])
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    _serve_completions(answer, port_queue)
 
 
 class SynthesisingServer:
